@@ -1,0 +1,74 @@
+"""Profiles: choosing one, overriding keys, inheriting recipes, clear errors."""
+import pytest
+import torch
+
+from dpo_lib.config import PROFILES, load_config, resolve_profile
+
+REQUIRED = ["model.name", "model.quantization", "data.source", "data.max_length",
+            "data.max_prompt_length", "train.batch_size", "train.sft_steps",
+            "train.preference_steps"]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_fixes_the_required_keys(name):
+    cfg = load_config(name)
+    assert cfg.profile == name
+    for key in REQUIRED:
+        assert cfg.get_path(key) is not None, key
+    assert 0 < cfg.data.max_prompt_length < cfg.data.max_length
+
+
+def test_environment_variable_picks_profile(monkeypatch):
+    monkeypatch.setenv("DPO_PROFILE", "tiny")
+    assert load_config().profile == "tiny"
+    assert load_config("cpu").profile == "cpu"  # an explicit name wins
+
+
+def test_auto_picks_by_cuda(monkeypatch):
+    monkeypatch.setenv("DPO_PROFILE", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_profile() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_profile() == "gpu"
+
+
+def test_unknown_profile_lists_valid_ones(monkeypatch):
+    monkeypatch.setenv("DPO_PROFILE", "huge")
+    with pytest.raises(ValueError) as info:
+        load_config()
+    for name in PROFILES + ("auto", "'huge'", "$DPO_PROFILE"):
+        assert name in str(info.value)
+
+
+def test_overrides_dotted_and_cli_style():
+    cfg = load_config("tiny", overrides={"data.max_length": 64})
+    assert cfg.data.max_length == 64
+    cfg = load_config("tiny", overrides=["train.beta=0.5", "model.quantization=nf4",
+                                         "data.data_dir=harmless-base"])
+    assert cfg.train.beta == 0.5 and cfg.model.quantization == "nf4"
+    assert cfg.data.data_dir == "harmless-base"
+    assert load_config("tiny").data.max_length == 128  # overrides never leak
+
+
+def test_unknown_override_key_suggests_the_right_one():
+    with pytest.raises(KeyError, match="data.max_length"):
+        load_config("tiny", overrides={"data.max_lenght": 64})
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("tiny", overrides=["data.max_length"])
+
+
+def test_recipe_file_inherits_a_profile(tmp_path):
+    recipe = tmp_path / "short.yaml"
+    recipe.write_text("base: tiny\ntrain:\n  sft_steps: 3\n")
+    cfg = load_config(str(recipe))
+    assert cfg.train.sft_steps == 3 and cfg.train.batch_size == 8 and cfg.profile == "tiny"
+    saved = cfg.save(tmp_path / "saved.yaml")
+    assert load_config(str(saved)).to_dict() == cfg.to_dict()
+
+
+def test_config_is_read_only():
+    cfg = load_config("tiny")
+    with pytest.raises(AttributeError):
+        cfg.seed = 3
+    with pytest.raises(AttributeError, match="has no key"):
+        cfg.model.nme
