@@ -76,9 +76,14 @@ class Config(Mapping):
 
     def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str] | None) -> "Config":
         """Copy with dotted keys replaced. ``overrides`` is a mapping ``{"data.max_length": 64}``
-        or CLI-style strings ``["data.max_length=64"]`` (values parsed as YAML scalars)."""
+        or CLI-style strings ``["data.max_length=64"]`` (values parsed as YAML scalars). A key
+        without a dot that names exactly one leaf may stand alone (``output_dir=runs/x``)."""
         data = self.to_dict()
         for dotted, value in _normalise_overrides(overrides).items():
+            if "." not in dotted and dotted not in data:  # a unique leaf name: output_dir=...
+                matches = [key for key in _flat_keys(data) if key.endswith("." + dotted)]
+                if len(matches) == 1:
+                    dotted = matches[0]
             parts = dotted.split(".")
             node = data
             for part in parts[:-1]:

@@ -72,3 +72,8 @@ def test_config_is_read_only():
         cfg.seed = 3
     with pytest.raises(AttributeError, match="has no key"):
         cfg.model.nme
+
+
+def test_unique_leaf_names_need_no_section():
+    cfg = load_config("tiny", overrides=["output_dir=runs/x", "loss_type=ipo"])
+    assert cfg.train.output_dir == "runs/x" and cfg.train.loss_type == "ipo"

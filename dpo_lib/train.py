@@ -1,0 +1,639 @@
+"""One trainer for SFT and the preference losses (DPO, cDPO, IPO), built on accelerate.
+
+The same code runs in a notebook (:func:`train`), from the command line::
+
+    python -m dpo_lib.train CONFIG [key=value ...]      # CONFIG: a profile or a recipe YAML
+    torchrun --nproc_per_node 2 -m dpo_lib.train ...    # several processes (DDP; gloo on CPU)
+    accelerate launch -m dpo_lib.train ...              # several GPUs
+
+A run writes everything into its ``output_dir``: ``config.yaml`` (what produced it),
+``metrics.jsonl`` (one JSON object per optimizer step and per evaluation), ``checkpoint-<step>/``
+(adapter, optimizer, scheduler, RNG and data position) and ``adapter/`` (the final adapter).
+
+Preference runs compute the reference log-probs once, in a no-grad pass, and cache them on disk
+under a key of (reference model, data, tokenization); during training only the policy runs.
+Summed log-probs and token counts are both cached, so a DPO run (sums) and an IPO run (token
+means) from the same SFT model share one reference pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_lib
+from .config import RUNS_DIR, Config, load_config
+from .losses import default_average, preference_loss, preference_metrics, sequence_logps
+
+IGNORE_INDEX = data_lib.IGNORE_INDEX
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or inf loss stopped the run; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up pieces
+# --------------------------------------------------------------------------------------------
+
+def run_name(cfg: Config) -> str:
+    stage = cfg.train.stage
+    return f"{cfg.profile}-{stage}" + (f"-{cfg.train.loss_type}" if stage == "preference" else "")
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) if cfg.train.output_dir else RUNS_DIR / run_name(cfg)
+
+
+def average_logps(cfg: Config) -> bool:
+    """Token-mean (True) or summed (False) log-probs for this run's preference loss."""
+    setting = cfg.train.get("average_logps")
+    return default_average(cfg.train.loss_type) if setting is None else bool(setting)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "no"
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "no" and not torch.cuda.is_available():
+        raise ValueError(f"mixed_precision={precision} needs a GPU here; use 'no' or 'auto' on CPU")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(cfg: Config, parameters):
+    name = cfg.train.optimizer
+    kwargs = dict(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, **kwargs)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"optimizer={name} needs CUDA (bitsandbytes' 8-bit optimizers); "
+                             "use optimizer=adamw on CPU")
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(parameters, **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw_8bit or paged_adamw_8bit")
+
+
+def load_examples(cfg: Config, tokenizer, split: str, limit: int):
+    """Tokenized preference examples of one split, and the row accounting."""
+    pairs, report = data_lib.load_preference_pairs(cfg.data.source, split=split, limit=limit,
+                                                   data_dir=cfg.data.data_dir)
+    if not pairs:
+        raise ValueError(f"no usable pairs in {cfg.data.source} ({split}): {dict(report)}")
+    examples, _ = data_lib.tokenize_pairs(pairs, tokenizer, cfg.data.max_length,
+                                          cfg.data.max_prompt_length)
+    return pairs, examples, report
+
+
+def micro_batches(examples, cfg: Config, epoch: int) -> list[list[int]]:
+    """The epoch's micro-batches of example indices: shuffled by (seed, epoch), length-grouped."""
+    return data_lib.batch_indices(examples, cfg.train.batch_size, cfg.train.group_by_length,
+                                  seed=cfg.seed * 1000 + epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------
+
+def concatenated_logps(model, batch: dict[str, torch.Tensor]):
+    """Chosen and rejected in one forward pass.
+
+    ``batch`` from :func:`dpo_lib.data.collate_preference` (``[B, L]`` tensors). Returns fp32
+    ``(chosen_sums [B], rejected_sums [B], chosen_counts [B], rejected_counts [B])``: summed
+    response log-probs and the number of response tokens they sum over.
+    """
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])      # [2B, L]
+    attention_mask = torch.cat([batch["chosen_attention_mask"],
+                                batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits            # [2B, L, V]
+    sums = sequence_logps(logits, labels, average=False)                                 # [2B]
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()                             # [2B]
+    size = batch["chosen_input_ids"].shape[0]
+    return sums[:size], sums[size:], counts[:size], counts[size:]
+
+
+def _to_device(batch, device):
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_cache_key(cfg: Config, examples, reference_adapter: Path | None) -> str:
+    """Changes when the reference model, the data or the tokenization changes."""
+    digest = hashlib.sha256()
+    model = cfg.model
+    identity = [model.name, model.quantization, model.get("double_quant"),
+                model.get("compute_dtype"), cfg.seed if model.name.startswith(("tiny", "random"))
+                else None, cfg.data.max_length, cfg.data.max_prompt_length]
+    digest.update(json.dumps(identity).encode())
+    if reference_adapter is not None:
+        for file in sorted(reference_adapter.glob("adapter_model.*")):
+            digest.update(_file_digest(file).encode())
+    for example in examples:
+        digest.update(np.asarray(example["chosen_input_ids"] + [-1] + example["rejected_input_ids"]
+                                 + [-2] + example["chosen_labels"][:1], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def precompute_reference_logps(model, examples, batch_size: int, accelerator=None,
+                               cache_file: Path | None = None, use_adapter: bool = True,
+                               progress: bool = True) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every example, in a no-grad pass, cached in ``cache_file``.
+
+    Returns fp32 tensors of shape ``[N]``: ``chosen_sums``, ``rejected_sums``, ``chosen_counts``,
+    ``rejected_counts``. ``use_adapter=False`` disables the LoRA adapters for the pass (the
+    reference is then the base model, and no second copy of it is needed).
+    """
+    if cache_file is not None and Path(cache_file).is_file():
+        return torch.load(cache_file)
+    from contextlib import nullcontext
+    from tqdm.auto import tqdm
+
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    unwrapped = accelerator.unwrap_model(model) if accelerator else model
+    batches = [list(range(i, min(i + batch_size, len(examples))))
+               for i in range(0, len(examples), batch_size)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = batches[rank::world]
+    results = []
+    was_training = unwrapped.training
+    unwrapped.eval()
+    adapters_off = unwrapped.disable_adapter() if not use_adapter else nullcontext()
+    with adapters_off:
+        for indices in tqdm(mine, desc="reference pass", disable=not progress or rank != 0):
+            batch = data_lib.collate_preference([examples[i] for i in indices],
+                                                _pad_id(unwrapped))
+            values = concatenated_logps(unwrapped, _to_device(batch, device))
+            results.append((indices, torch.stack(values, dim=1).cpu()))
+    unwrapped.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    table = torch.zeros(len(examples), 4)
+    for indices, values in results:
+        table[indices] = values
+    reference = dict(zip(("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"),
+                         table.unbind(1)))
+    if cache_file is not None and (accelerator is None or accelerator.is_main_process):
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(reference, cache_file)
+    return reference
+
+
+def _pad_id(model) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def reference_logps(reference: dict, indices, average: bool):
+    """Chosen and rejected reference log-probs ``[B]`` for ``indices``: sums or token means."""
+    chosen, rejected = reference["chosen_sums"][indices], reference["rejected_sums"][indices]
+    if average:
+        chosen = chosen / reference["chosen_counts"][indices].clamp(min=1)
+        rejected = rejected / reference["rejected_counts"][indices].clamp(min=1)
+    return chosen, rejected
+
+
+def preference_step_outputs(model, batch, reference, indices, cfg: Config):
+    """Losses ``[B]`` and the logged quantities for one micro-batch of pairs."""
+    average = average_logps(cfg)
+    chosen_sums, rejected_sums, chosen_counts, rejected_counts = concatenated_logps(model, batch)
+    if average:
+        chosen, rejected = chosen_sums / chosen_counts.clamp(min=1), \
+            rejected_sums / rejected_counts.clamp(min=1)
+    else:
+        chosen, rejected = chosen_sums, rejected_sums
+    ref_chosen, ref_rejected = (t.to(chosen.device) for t in reference_logps(reference, indices,
+                                                                             average))
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta, cfg.train.loss_type,
+        cfg.train.label_smoothing)
+    return losses, torch.stack([losses.detach(), chosen_rewards, rejected_rewards,
+                                chosen.detach(), rejected.detach()], dim=1)
+
+
+def sft_step_outputs(model, batch):
+    """Token-summed NLL ``[B]`` and the token counts ``[B]`` of one SFT micro-batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sums = sequence_logps(logits, batch["labels"], average=False)
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
+    return -sums, counts
+
+
+def _preference_metrics_from_rows(rows: torch.Tensor, cfg: Config, prefix: str = "") -> dict:
+    losses, chosen_rewards, rejected_rewards, chosen, rejected = rows.unbind(1)
+    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, chosen, rejected,
+                                 average_logps(cfg), prefix=prefix)
+    metrics[prefix + "logps/accuracies"] = (chosen > rejected).float().mean().item()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, examples, cfg: Config, accelerator, reference=None) -> dict[str, float]:
+    """Held-out metrics, keys prefixed ``eval/``. SFT: token-mean NLL of the chosen answers and
+    log-prob preference accuracy; preference: the loss and reward metrics of the loss in use."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    size = cfg.train.eval_batch_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
+    results = []
+    for indices in batches[rank::world]:
+        batch = _to_device(data_lib.collate_preference([examples[i] for i in indices],
+                                                       _pad_id(unwrapped)), accelerator.device)
+        if reference is None:
+            sums = concatenated_logps(unwrapped, batch)
+            results.append((indices, torch.stack(sums, dim=1).cpu()))
+        else:
+            _, rows = preference_step_outputs(unwrapped, batch, reference, indices, cfg)
+            results.append((indices, rows.cpu()))
+    unwrapped.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    rows = torch.cat([values for _, values in sorted(results, key=lambda item: item[0][0])])
+    if reference is not None:
+        return _preference_metrics_from_rows(rows, cfg, prefix="eval/")
+    chosen_sums, rejected_sums, chosen_counts, rejected_counts = rows.unbind(1)
+    return {"eval/loss": (-chosen_sums.sum() / chosen_counts.sum()).item(),
+            "eval/logps/chosen": chosen_sums.mean().item(),
+            "eval/logps/rejected": rejected_sums.mean().item(),
+            "eval/logps/accuracies": (chosen_sums / chosen_counts >
+                                      rejected_sums / rejected_counts).float().mean().item()}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, accelerator) -> Path:
+    """Adapter, optimizer, scheduler, RNG and data position (= optimizer steps done)."""
+    target = folder / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        partial = folder / f".checkpoint-{step}.partial"
+        accelerator.unwrap_model(model).save_pretrained(partial)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "step": step}, partial / "trainer_state.pt")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        partial.rename(target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only), and to wandb."""
+
+    def __init__(self, path: Path, accelerator, cfg: Config, resume_step: int | None):
+        self.path, self.active = path, accelerator.is_main_process
+        self.wandb = None
+        if not self.active:
+            return
+        if resume_step is None:
+            path.write_text("")
+        else:  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step] if path.exists() else []
+            path.write_text("".join(line + "\n" for line in kept))
+        mode = cfg.train.get("wandb", "disabled")
+        if mode not in ("disabled", "offline", "online"):
+            raise ValueError(f"wandb={mode!r}: choose disabled, offline or online")
+        if mode != "disabled":
+            try:
+                import wandb
+            except ImportError as error:
+                raise ModuleNotFoundError("wandb logging is on but wandb is not installed: "
+                                          "pip install wandb, or set wandb=disabled") from error
+            if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+                raise RuntimeError("wandb=online needs a logged-in wandb (WANDB_API_KEY or "
+                                   "`wandb login`); use wandb=offline to log locally")
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=path.parent.name,
+                                    dir=str(path.parent), mode=mode, config=cfg.to_dict(),
+                                    resume="allow", reinit="finish_previous")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: list[dict]
+    model: object = None
+    tokenizer: object = None
+
+
+def prepare_model(cfg: Config, progress: bool = True):
+    """The profile's quantized model with a trainable LoRA adapter, and its tokenizer.
+
+    Preference runs with ``train.init_adapter`` start from that SFT run's adapter (the reference
+    is then the SFT model); without one, the adapter starts at zero and the reference is the
+    base model with adapters disabled.
+    """
+    from .models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    base = load_model(cfg)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    init = cfg.train.get("init_adapter")
+    if cfg.train.stage == "preference" and init:
+        adapter = Path(init) / "adapter" if (Path(init) / "adapter").is_dir() else Path(init)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"init_adapter: no adapter in {init} (run the SFT stage "
+                                    "first: notebook 03 or `python -m dpo_lib.train sft`)")
+        model = _attach_lora(base, cfg, adapter=adapter)
+        return model, tokenizer, adapter
+    return _attach_lora(base, cfg), tokenizer, None
+
+
+def _attach_lora(base, cfg: Config, adapter: Path | None = None):
+    # TODO(lead): replace with dpo_lib.models' LoRA helper once it lands (issue 3).
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    elif cfg.model.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    if adapter is not None:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+                      lora_dropout=cfg.model.lora_dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunResult:
+    """Run the stage ``cfg.train.stage`` (``sft`` or ``preference``) and return its metrics."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    stage = cfg.train.stage
+    if stage not in ("sft", "preference"):
+        raise ValueError(f"train.stage={stage!r}: choose sft or preference")
+    accelerator = make_accelerator(cfg)
+    folder = output_dir(cfg)
+    resume_from = latest_checkpoint(folder) if cfg.train.get("resume") else None
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg.save(folder / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model, tokenizer, reference_adapter = prepare_model(cfg, progress)
+    _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
+    _, eval_examples, _ = load_examples(cfg, tokenizer, "test", cfg.data.test_limit)
+    if stage == "sft":
+        train_examples = data_lib.sft_examples(train_examples)
+    total_steps = cfg.train.sft_steps if stage == "sft" else cfg.train.preference_steps
+
+    reference = eval_reference = None
+    if stage == "preference":
+        cache_root = _reference_cache_root()
+        for name, examples in (("train", train_examples), ("eval", eval_examples)):
+            key = reference_cache_key(cfg, examples, reference_adapter)
+            values = precompute_reference_logps(
+                model, examples, cfg.train.eval_batch_size, accelerator,
+                cache_file=cache_root / f"{key}.pt", use_adapter=reference_adapter is not None,
+                progress=progress)
+            if name == "train":
+                reference = values
+            else:
+                eval_reference = values
+            if accelerator.is_main_process:
+                (folder / f"reference_{name}.key").write_text(key + "\n")
+        accelerator.wait_for_everyone()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, trainable)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
+                              num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+    log = MetricsLog(folder / "metrics.jsonl", accelerator, cfg,
+                     start_step if resume_from is not None else None)
+
+    accumulation, world = cfg.train.gradient_accumulation_steps, accelerator.num_processes
+    per_step = accumulation * world          # micro-batches per optimizer step, all processes
+    collate = data_lib.collate_sft if stage == "sft" else data_lib.collate_preference
+    pad_id = _pad_id(accelerator.unwrap_model(model))
+    epoch_batches: dict[int, list] = {}
+
+    def micro_batch(number: int) -> list[int]:
+        per_epoch = len(train_examples) // cfg.train.batch_size
+        if per_epoch == 0:
+            raise ValueError(f"{len(train_examples)} training examples do not fill one batch of "
+                             f"{cfg.train.batch_size}")
+        epoch, position = divmod(number, per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[epoch] = micro_batches(train_examples, cfg, epoch)
+        return epoch_batches[epoch][position]
+
+    if start_step == 0 and stage == "preference" and cfg.train.eval_every:
+        log.write({"step": 0, "examples": 0,
+                   **evaluate(model, eval_examples, cfg, accelerator, eval_reference)})
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc=run_name(cfg),
+               disable=not progress or not accelerator.is_local_main_process)
+    metrics: dict = {}
+    for step in range(start_step + 1, total_steps + 1):
+        started = time.perf_counter()
+        rows, tokens = [], 0
+        for micro in range(accumulation):
+            number = (step - 1) * per_step + micro * world + accelerator.process_index
+            indices = micro_batch(number)
+            batch = _to_device(collate([train_examples[i] for i in indices], pad_id),
+                               accelerator.device)
+            tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+            sync = micro == accumulation - 1
+            context = accelerator.no_sync(model) if not sync else _null()
+            with context, accelerator.autocast():
+                if stage == "sft":
+                    nll, counts = sft_step_outputs(model, batch)
+                    loss = nll.sum() / counts.sum()
+                    rows.append(torch.stack([nll.detach(), counts], dim=1))
+                else:
+                    losses, step_rows = preference_step_outputs(model, batch, reference,
+                                                                indices, cfg)
+                    loss = losses.mean()
+                    rows.append(step_rows)
+                if not torch.isfinite(loss):
+                    kept = latest_checkpoint(folder)
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at step {step} (micro-batch {micro}, examples "
+                        f"{indices}); the run stopped. Last good checkpoint: "
+                        f"{kept if kept else 'none yet'}. Lower the learning rate, check the data,"
+                        f" or use fp32/bf16 instead of fp16.")
+                accelerator.backward(loss / accumulation)
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        local = torch.cat(rows).to(accelerator.device)
+        gathered = accelerator.gather(local).cpu() if world > 1 else local.cpu()
+        tokens_all = int(accelerator.gather(torch.tensor([tokens], device=accelerator.device))
+                         .sum()) if world > 1 else tokens
+        if stage == "sft":
+            metrics = {"loss": (gathered[:, 0].sum() / gathered[:, 1].sum()).item()}
+        else:
+            metrics = _preference_metrics_from_rows(gathered, cfg)
+        record = {"step": step, "examples": step * per_step * cfg.train.batch_size, **metrics,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "tokens_per_second": tokens_all / (time.perf_counter() - started)}
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in
+                         ("loss", "rewards/accuracies") if k in record})
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
+            log.write({"step": step, "examples": record["examples"],
+                       **evaluate(model, eval_examples, cfg, accelerator, eval_reference)})
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            save_checkpoint(folder, model, optimizer, scheduler, step, accelerator)
+    bar.close()
+    log.close()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder / "adapter")
+        tokenizer.save_pretrained(folder / "adapter")
+    accelerator.wait_for_everyone()
+    result = RunResult(folder, read_metrics(folder) if accelerator.is_main_process else [])
+    if keep_model:
+        result.model, result.tokenizer = accelerator.unwrap_model(model), tokenizer
+    accelerator.end_training()
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _reference_cache_root() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "reference_logps"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_lib.train",
+        description="Train SFT or a preference loss from a config file. CONFIG is a profile "
+                    "(tiny, cpu, gpu, auto) or a YAML recipe; key=value pairs override single "
+                    "keys (dotted, or a unique leaf name: output_dir=runs/x loss_type=ipo).")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, overrides=args.overrides)
+    result = train(cfg, progress=not args.no_progress)
+    if result.metrics:
+        last = [m for m in result.metrics if "loss" in m][-1]
+        print(f"done: {result.output_dir} (step {last['step']}, loss {last['loss']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
