@@ -30,14 +30,17 @@ tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies
 	    --ExecutePreprocessor.timeout=3600 --output-dir $(OUT) $$nb || exit 1; \
 	done
 
+# Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/.
+TEST_ENV   := DPO_PROFILE=tiny DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
+
 test: setup  ## unit tests, then nbval over every notebook in the tiny profile
-	DPO_PROFILE=tiny $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+	$(TEST_ENV) $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
 
 test-unit: setup
-	DPO_PROFILE=tiny $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q tests
 
 test-notebooks: setup
-	DPO_PROFILE=tiny $(PY) -m pytest -q --nbval-lax notebooks
+	$(TEST_ENV) $(PY) -m pytest -q --nbval-lax notebooks
 
 notebooks: setup  ## maintainers: re-execute the committed notebooks in place, cpu profile
 	$(MAKE) tutorial PROFILE=cpu OUT=notebooks

@@ -26,7 +26,10 @@ PROFILES = ("tiny", "cpu", "gpu")
 ENV_VAR = "DPO_PROFILE"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-FIGURES_DIR = REPO_ROOT / "figures"  # notebooks save figures/NN_<name>.png here
+# Notebooks save figures/NN_<name>.png here; `make test` points it elsewhere so that executing
+# the notebooks in the tiny profile leaves the committed (cpu profile) figures alone.
+FIGURES_DIR = Path(os.environ.get("DPO_FIGURES_DIR", REPO_ROOT / "figures")).resolve()
+FIGURES_DIR.mkdir(parents=True, exist_ok=True)
 RUNS_DIR = REPO_ROOT / "runs"        # run outputs (ignored by git)
 
 
