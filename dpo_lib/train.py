@@ -174,8 +174,7 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
 
     device = accelerator.device if accelerator else next(model.parameters()).device
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
-    batches = [list(range(i, min(i + batch_size, len(examples))))
-               for i in range(0, len(examples), batch_size)]
+    batches = length_sorted_batches(examples, batch_size)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = batches[rank::world]
     results = []
@@ -202,6 +201,12 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         torch.save(reference, cache_file)
     return reference
+
+
+def length_sorted_batches(examples, batch_size: int) -> list[list[int]]:
+    """Batches of indices sorted by length: the least padding for a pass whose order is free."""
+    order = sorted(range(len(examples)), key=lambda i: data_lib.example_length(examples[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _pad_id(model) -> int:
@@ -265,7 +270,7 @@ def evaluate(model, examples, cfg: Config, accelerator, reference=None) -> dict[
     unwrapped.eval()
     size = cfg.train.eval_batch_size
     rank, world = accelerator.process_index, accelerator.num_processes
-    batches = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
+    batches = length_sorted_batches(examples, size)
     results = []
     for indices in batches[rank::world]:
         batch = _to_device(data_lib.collate_preference([examples[i] for i in indices],
@@ -281,7 +286,7 @@ def evaluate(model, examples, cfg: Config, accelerator, reference=None) -> dict[
         from accelerate.utils import gather_object
 
         results = gather_object(results)
-    rows = torch.cat([values for _, values in sorted(results, key=lambda item: item[0][0])])
+    rows = torch.cat([values for _, values in results])
     if reference is not None:
         return _preference_metrics_from_rows(rows, cfg, prefix="eval/")
     chosen_sums, rejected_sums, chosen_counts, rejected_counts = rows.unbind(1)

@@ -77,3 +77,16 @@ def test_config_is_read_only():
 def test_unique_leaf_names_need_no_section():
     cfg = load_config("tiny", overrides=["output_dir=runs/x", "loss_type=ipo"])
     assert cfg.train.output_dir == "runs/x" and cfg.train.loss_type == "ipo"
+
+
+def test_every_recipe_file_loads():
+    from dpo_lib.config import CONFIG_DIR
+
+    recipes = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem not in PROFILES)
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        cfg = load_config(str(recipe))
+        assert cfg.profile in PROFILES and cfg.train.stage in ("sft", "preference")
+        if cfg.train.stage == "preference":
+            assert cfg.train.init_adapter == f"runs/{cfg.profile}-sft"
+            assert recipe.stem.endswith(cfg.train.loss_type)
