@@ -1,0 +1,197 @@
+"""Predicted vs measured peak memory of one QLoRA DPO training step.
+
+Each configuration runs in a fresh subprocess: load the model (random weights of a named
+architecture, or a profile's real model), attach LoRA, then one DPO step: the reference pass with
+adapters disabled, the policy pass over chosen and rejected (``2 * batch`` sequences of ``seq``
+random tokens), the DPO loss, backward, AdamW step.
+
+Measured peak:
+* CUDA: ``torch.cuda.max_memory_allocated()`` over load + step (the CUDA context is not in it);
+* CPU: the bytes of the model's tensors (weights, buffers, LoRA) plus the growth of the process's
+  peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the step)
+  during the step. A small warm-up step first loads the kernels' code, so that only tensors count,
+  and the child runs with a fixed malloc mmap threshold (see ``CHILD_ENV``).
+
+    python benchmarks/memory.py                          # the CPU set (tiny, smollm2, pythia-160m)
+    python benchmarks/memory.py --arch pythia-2.8b --batch 4 --seq 512 --checkpointing
+    python benchmarks/memory.py --arch smollm2-135m-instruct --quant nf4 none --batch 4 --seq 256
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+#: The default set run without --arch: what a 2-core CPU measures in a few minutes.
+CPU_SET = [
+    dict(arch="tiny-gpt-neox", quant="none", batch=16, seq=512, checkpointing=False),
+    dict(arch="tiny-gpt-neox", quant="nf4", batch=16, seq=512, checkpointing=False),
+    dict(arch="tiny-gpt-neox", quant="nf4", batch=16, seq=512, checkpointing=True),
+    dict(arch="smollm2-135m-instruct", quant="nf4", batch=4, seq=256, checkpointing=False),
+    dict(arch="smollm2-135m-instruct", quant="nf4", batch=4, seq=256, checkpointing=True),
+    dict(arch="smollm2-135m-instruct", quant="none", batch=4, seq=256, checkpointing=False),
+    dict(arch="pythia-160m", quant="nf4", batch=2, seq=512, checkpointing=False),
+    dict(arch="pythia-160m", quant="nf4", batch=2, seq=512, checkpointing=True),
+]
+
+
+#: glibc malloc keeps freed mid-sized blocks in its heap and raises its mmap threshold as it
+#: goes, so the resident size of a PyTorch process stays well above its live tensors (about 1.5x
+#: in a first run of this benchmark). A fixed threshold makes every block over 128 KiB its own
+#: mapping, returned to the system when freed: the measured peak is then the tensors' peak.
+CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _release_and_reset_peak() -> int:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    return _rss("VmRSS")
+
+
+def _model_name(arch: str) -> str:
+    from dpo_lib.models import ARCHITECTURES
+
+    if arch in ARCHITECTURES and arch != "tiny-gpt-neox":
+        return "random:" + arch
+    return arch
+
+
+def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int = 8,
+            double_quant: bool = True, compute_dtype: str = "auto") -> dict:
+    """One configuration in this process: returns the measured peak and the step time."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpo_lib.config import load_config
+    from dpo_lib.models import add_lora, compute_dtype as resolve_dtype, load_model, \
+        reference_mode, token_logps
+
+    cuda = torch.cuda.is_available()
+    cfg = load_config("tiny", overrides={
+        "model.name": _model_name(arch), "model.quantization": quant,
+        "model.double_quant": double_quant, "model.compute_dtype": compute_dtype,
+        "model.lora_r": lora_r, "model.lora_alpha": 2 * lora_r, "model.lora_dropout": 0.0,
+        "model.gradient_checkpointing": checkpointing})
+    dtype = resolve_dtype(compute_dtype)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = add_lora(load_model(cfg), cfg)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(pairs: int, length: int) -> None:
+        ids = torch.randint(0, vocab, (2 * pairs, length), device=device)
+        with reference_mode(model):
+            reference = token_logps(model, ids).sum(-1)
+        policy = token_logps(model, ids).sum(-1)
+        margin = (policy[:pairs] - reference[:pairs]) - (policy[pairs:] - reference[pairs:])
+        loss = -F.logsigmoid(0.1 * margin).mean()
+        loss.backward()
+        return loss
+
+    model.train()
+    if not cuda:  # warm-up: load kernel code and lazily built tables into the process first
+        step(1, 8)
+        model.zero_grad(set_to_none=True)
+    start_rss = 0 if cuda else _release_and_reset_peak()
+    footprint = model.get_memory_footprint()
+    started = time.perf_counter()
+    step(batch, seq)
+    optimizer.step()
+    seconds = time.perf_counter() - started
+    if cuda:
+        measured = torch.cuda.max_memory_allocated()
+        device_name = torch.cuda.get_device_name(0)
+    else:
+        measured = footprint + _rss("VmHWM") - start_rss
+        device_name = f"cpu ({os.cpu_count()} cores)"
+    return dict(measured=measured, seconds=seconds, device=device_name,
+                compute_dtype=str(dtype).replace("torch.", ""))
+
+
+def predict(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int,
+            double_quant: bool, compute_dtype: str):
+    from dpo_lib.memory import estimate_memory
+    from dpo_lib.models import SMOLLM2
+
+    shapes_of = "smollm2-135m" if arch == SMOLLM2 else arch
+    return estimate_memory(shapes_of, quantization=quant, double_quant=double_quant,
+                           lora_r=lora_r, batch=batch, seq_len=seq,
+                           gradient_checkpointing=checkpointing, compute_dtype=compute_dtype)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", nargs="+", help="architecture names (dpo_lib.models."
+                        "ARCHITECTURES) or smollm2-135m-instruct; default: the CPU set")
+    parser.add_argument("--quant", nargs="+", default=["nf4"])
+    parser.add_argument("--batch", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--no-double-quant", action="store_true")
+    parser.add_argument("--compute-dtype", default="auto")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(measure(**json.loads(args.child))), flush=True)
+        return 0
+
+    import torch
+
+    from dpo_lib.models import compute_dtype as resolve_dtype
+
+    if args.arch:
+        runs = [dict(arch=a, quant=q, batch=args.batch, seq=args.seq,
+                     checkpointing=args.checkpointing) for a in args.arch for q in args.quant]
+    else:
+        runs = CPU_SET
+    dtype_name = str(resolve_dtype(args.compute_dtype)).replace("torch.", "")
+    header = (f"{'model':24} {'quant':5} {'pairs':>5} {'seq':>4} {'ckpt':>4} | {'weights':>7} "
+              f"{'lora':>6} {'activ':>6} {'logits':>6} {'pred':>6} | {'meas':>6} {'ratio':>5} "
+              f"{'s/step':>6}")
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, compute dtype "
+          f"{dtype_name}, LoRA r={args.lora_r}; memory in GB (1e9 bytes)\n{header}\n"
+          + "-" * len(header), flush=True)
+    for run in runs:
+        run = dict(run, lora_r=args.lora_r, double_quant=not args.no_double_quant,
+                   compute_dtype=args.compute_dtype)
+        estimate = predict(**{**run, "compute_dtype": dtype_name})
+        child = subprocess.run([sys.executable, __file__, "--child", json.dumps(run)],
+                               capture_output=True, text=True, env=CHILD_ENV)
+        lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+        if child.returncode or not lines:
+            print(f"{run['arch']:24} {run['quant']:5} failed:\n{child.stderr[-2000:]}")
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        gb = estimate.as_gb()
+        print(f"{run['arch']:24} {run['quant']:5} {run['batch']:>5} {run['seq']:>4} "
+              f"{'yes' if run['checkpointing'] else 'no':>4} | {gb['weights']:7.3f} "
+              f"{gb['lora']:6.3f} {gb['activations']:6.3f} {gb['logits']:6.3f} "
+              f"{gb['total']:6.3f} | {result['measured'] / 1e9:6.3f} "
+              f"{estimate.total / result['measured']:5.2f} {result['seconds']:6.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
