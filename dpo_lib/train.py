@@ -145,8 +145,9 @@ def reference_cache_key(cfg: Config, examples, reference_adapter: Path | None) -
     digest = hashlib.sha256()
     model = cfg.model
     identity = [model.name, model.quantization, model.get("double_quant"),
-                model.get("compute_dtype"), cfg.seed if model.name.startswith(("tiny", "random"))
-                else None, cfg.data.max_length, cfg.data.max_prompt_length]
+                model.get("compute_dtype"), model.get("init_seed", 0)
+                if model.name.startswith(("tiny", "random")) else None,
+                cfg.data.max_length, cfg.data.max_prompt_length]
     digest.update(json.dumps(identity).encode())
     if reference_adapter is not None:
         for file in sorted(reference_adapter.glob("adapter_model.*")):
@@ -172,6 +173,8 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
     from contextlib import nullcontext
     from tqdm.auto import tqdm
 
+    from .models import reference_mode
+
     device = accelerator.device if accelerator else next(model.parameters()).device
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
     batches = length_sorted_batches(examples, batch_size)
@@ -180,8 +183,7 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
     results = []
     was_training = unwrapped.training
     unwrapped.eval()
-    adapters_off = unwrapped.disable_adapter() if not use_adapter else nullcontext()
-    with adapters_off:
+    with reference_mode(unwrapped) if not use_adapter else nullcontext():
         for indices in tqdm(mine, desc="reference pass", disable=not progress or rank != 0):
             batch = data_lib.collate_preference([examples[i] for i in indices],
                                                 _pad_id(unwrapped))
@@ -422,7 +424,7 @@ def prepare_model(cfg: Config, progress: bool = True):
     is then the SFT model); without one, the adapter starts at zero and the reference is the
     base model with adapters disabled.
     """
-    from .models import load_model, load_tokenizer
+    from .models import add_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     base = load_model(cfg)
@@ -434,26 +436,20 @@ def prepare_model(cfg: Config, progress: bool = True):
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"init_adapter: no adapter in {init} (run the SFT stage "
                                     "first: notebook 03 or `python -m dpo_lib.train sft`)")
-        model = _attach_lora(base, cfg, adapter=adapter)
-        return model, tokenizer, adapter
-    return _attach_lora(base, cfg), tokenizer, None
+        return _load_trainable_adapter(base, cfg, adapter), tokenizer, adapter
+    return add_lora(base, cfg), tokenizer, None
 
 
-def _attach_lora(base, cfg: Config, adapter: Path | None = None):
-    # TODO(lead): replace with dpo_lib.models' LoRA helper once it lands (issue 3).
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+def _load_trainable_adapter(base, cfg: Config, adapter: Path):
+    """``base`` with a saved LoRA adapter, trainable (as :func:`dpo_lib.models.add_lora` prepares)."""
+    from peft import PeftModel, prepare_model_for_kbit_training
 
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
-    elif cfg.model.gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-    if adapter is not None:
-        return PeftModel.from_pretrained(base, adapter, is_trainable=True)
-    lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
-                      lora_dropout=cfg.model.lora_dropout, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    from .models import is_quantized, set_gradient_checkpointing
+
+    if is_quantized(base):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    set_gradient_checkpointing(base, bool(cfg.model.get("gradient_checkpointing", False)))
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
 
 
 def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunResult:
@@ -598,6 +594,10 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     result = RunResult(folder, read_metrics(folder) if accelerator.is_main_process else [])
     if keep_model:
         result.model, result.tokenizer = accelerator.unwrap_model(model), tokenizer
+    # Free the DDP wrapper (its reducer holds the process group) while every process is still
+    # here; destroying the group first can leave a process waiting for a peer that has exited.
+    del model, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
     return result
 

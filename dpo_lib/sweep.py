@@ -1,0 +1,96 @@
+"""Run a sweep of preference-training variants and collect their logs.
+
+A sweep file (``configs/sweeps/*.yaml``) names runs, each a set of overrides on the profile with
+``train.stage=preference``; ``init_adapter: sft`` stands for the profile's SFT run
+(``runs/<profile>-sft``). Runs already complete with the same config are not run again, and all
+runs from one SFT model share its cached reference pass::
+
+    python -m dpo_lib.sweep configs/sweeps/reward_curves.yaml --profile cpu \\
+        --out data/example-runs/cpu
+
+``--out`` copies each run's ``metrics.jsonl`` and ``config.yaml`` (a few kB) to ``OUT/<name>/``:
+that is how the example logs that notebook 07 reads in the ``cpu`` profile were made.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .config import RUNS_DIR, Config, load_config
+
+
+def load_sweep(path) -> dict[str, dict]:
+    """Run name -> overrides, from a sweep file."""
+    runs = (yaml.safe_load(Path(path).read_text()) or {}).get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: expected a mapping 'runs: {{name: {{key: value}}}}'")
+    return runs
+
+
+def run_config(cfg: Config, name: str, overrides: dict) -> Config:
+    """The config of one sweep run."""
+    overrides = dict(overrides)
+    if overrides.get("init_adapter") == "sft":
+        overrides["init_adapter"] = str(RUNS_DIR / f"{cfg.profile}-sft")
+    return cfg.with_overrides({"train.stage": "preference", **overrides,
+                               "train.output_dir": str(RUNS_DIR /
+                                                       f"{cfg.profile}-sweep-{name}")})
+
+
+def is_complete(run_cfg: Config) -> bool:
+    folder = Path(run_cfg.train.output_dir)
+    if not (folder / "adapter").is_dir() or not (folder / "config.yaml").is_file():
+        return False
+    return load_config(str(folder / "config.yaml")).to_dict() == run_cfg.to_dict()
+
+
+def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True) -> dict[str, Path]:
+    """Run every run of the sweep that is not complete yet; return name -> run folder."""
+    from .train import train
+
+    folders = {}
+    for name, overrides in load_sweep(sweep_path).items():
+        run_cfg = run_config(cfg, name, overrides)
+        if not is_complete(run_cfg):
+            if progress:
+                print(f"sweep run {name}: {overrides}")
+            train(run_cfg, progress=progress)
+        folders[name] = Path(run_cfg.train.output_dir)
+        if out_dir is not None:
+            target = Path(out_dir) / name
+            target.mkdir(parents=True, exist_ok=True)
+            for file in ("metrics.jsonl", "config.yaml"):
+                shutil.copy(folders[name] / file, target / file)
+    return folders
+
+
+def load_sweep_runs(folder) -> dict[str, tuple]:
+    """``name -> (train, eval)`` frames for every run folder under ``folder``."""
+    from .analysis import load_run
+
+    runs = {path.name: load_run(path) for path in sorted(Path(folder).iterdir())
+            if (path / "metrics.jsonl").is_file()}
+    if not runs:
+        raise FileNotFoundError(f"no run logs (*/metrics.jsonl) under {folder}")
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpo_lib.sweep", description=__doc__)
+    parser.add_argument("sweep")
+    parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
+    parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.profile, overrides=args.overrides)
+    for name, folder in run_sweep(args.sweep, cfg, args.out, not args.no_progress).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
