@@ -178,8 +178,12 @@ def compute_dtype(requested: str = "auto") -> torch.dtype:
 
 
 def quantization_config(quantization: str, double_quant: bool = False,
-                        dtype: torch.dtype = torch.float32):
-    """A ``BitsAndBytesConfig`` for nf4/fp4/int8, or None for the 16/32-bit formats."""
+                        dtype: torch.dtype = torch.float32, quant_storage: str | None = None):
+    """A ``BitsAndBytesConfig`` for nf4/fp4/int8, or None for the 16/32-bit formats.
+
+    ``quant_storage`` (e.g. ``"bfloat16"``) is the dtype the packed 4-bit weights are stored in:
+    FSDP needs it equal to the compute dtype to shard them (configs/accelerate/fsdp_qlora.yaml).
+    """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of "
                          f"{', '.join(QUANTIZATIONS)}")
@@ -192,9 +196,10 @@ def quantization_config(quantization: str, double_quant: bool = False,
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"bnb_4bit_quant_storage": getattr(torch, quant_storage)} if quant_storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, **storage)
 
 
 def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: bool = False,
@@ -215,7 +220,8 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     quantization = quantization or cfg.model.quantization
     dtype = compute_dtype(cfg.model.get("compute_dtype", "auto"))
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(quantization, dtype)
-    bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype)
+    bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype,
+                              cfg.model.get("quant_storage"))
     if name == "tiny-gpt-neox" or name.startswith("random:"):
         arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
         torch.manual_seed(cfg.model.get("init_seed", 0) if seed is None else seed)

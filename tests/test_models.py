@@ -177,3 +177,14 @@ def test_nf4_on_cuda_with_lora(cfg):
     ids = _ids(cfg).cuda()
     token_logps(model, ids).sum().backward()
     assert next(model.parameters()).is_cuda
+
+
+def test_quantization_config_options():
+    nf4 = quantization_config("nf4", double_quant=True, dtype=torch.bfloat16)
+    assert (nf4.bnb_4bit_quant_type, nf4.bnb_4bit_use_double_quant,
+            nf4.bnb_4bit_compute_dtype) == ("nf4", True, torch.bfloat16)
+    assert nf4.bnb_4bit_quant_storage == torch.uint8            # bitsandbytes' default packing
+    fsdp = quantization_config("nf4", dtype=torch.bfloat16, quant_storage="bfloat16")
+    assert fsdp.bnb_4bit_quant_storage == torch.bfloat16         # what FSDP needs to shard it
+    assert quantization_config("int8").load_in_8bit
+    assert quantization_config("bf16") is None

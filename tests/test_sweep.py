@@ -1,0 +1,45 @@
+"""The sweep runner: run configs, skipping complete runs, collecting logs."""
+import pytest
+
+from dpo_lib import sweep, train as train_lib
+from dpo_lib.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def private_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sweep, "RUNS_DIR", tmp_path / "runs")
+
+
+def test_sweep_runs_once_and_collects_logs(tmp_path, monkeypatch):
+    cfg = load_config("tiny", overrides={"train_limit": 16, "test_limit": 8, "eval_every": 0,
+                                         "save_every": 0, "preference_steps": 2,
+                                         "sft_steps": 2})
+    train_lib.train(cfg.with_overrides({"output_dir": str(tmp_path / "runs" / "tiny-sft")}),
+                    progress=False)
+    file = tmp_path / "sweep.yaml"
+    file.write_text("runs:\n  a: {loss_type: dpo, init_adapter: sft}\n"
+                    "  b: {loss_type: ipo, seed: 1, beta: 0.5}\n")
+    folders = sweep.run_sweep(file, cfg, out_dir=tmp_path / "out", progress=False)
+    assert set(folders) == {"a", "b"}
+    a = load_config(str(folders["a"] / "config.yaml"))
+    assert a.train.init_adapter == str(tmp_path / "runs" / "tiny-sft")
+    b = load_config(str(folders["b"] / "config.yaml"))
+    assert (b.seed, b.train.beta, b.train.loss_type, b.train.stage) == (1, 0.5, "ipo",
+                                                                           "preference")
+    runs = sweep.load_sweep_runs(tmp_path / "out")
+    assert set(runs) == {"a", "b"} and len(runs["a"][0]) == 2
+
+    calls = []
+    monkeypatch.setattr(train_lib, "train", lambda *args, **kw: calls.append(args))
+    sweep.run_sweep(file, cfg, progress=False)          # both complete: nothing runs again
+    assert calls == []
+
+
+def test_bad_sweep_file(tmp_path):
+    file = tmp_path / "sweep.yaml"
+    file.write_text("runs: []\n")
+    with pytest.raises(ValueError, match="runs"):
+        sweep.load_sweep(file)
+    with pytest.raises(FileNotFoundError):
+        sweep.load_sweep_runs(tmp_path)
