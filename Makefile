@@ -25,9 +25,10 @@ setup: $(VENV)/.installed  ## a local virtual environment with everything instal
 tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies in $(OUT)
 	mkdir -p $(OUT)
 	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb ($(PROFILE))"; \
+	  echo "== $$nb ($(PROFILE))"; start=$$(date +%s); \
 	  DPO_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
 	    --ExecutePreprocessor.timeout=3600 --output-dir $(OUT) $$nb || exit 1; \
+	  echo "== $$nb done in $$(( $$(date +%s) - start )) s"; \
 	done
 
 # Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/.

@@ -1,8 +1,8 @@
 """Run a sweep of preference-training variants and collect their logs.
 
 A sweep file (``configs/sweeps/*.yaml``) names runs, each a set of overrides on the profile with
-``train.stage=preference``; ``init_adapter: sft`` stands for the profile's SFT run
-(``runs/<profile>-sft``). Runs already complete with the same config are not run again, and all
+``train.stage=preference`` (after the file's optional ``common:`` overrides, shared by all runs);
+``init_adapter: sft`` stands for the profile's SFT run (``runs/<profile>-sft``). Runs already complete with the same config are not run again, and all
 runs from one SFT model share its cached reference pass::
 
     python -m dpo_lib.sweep configs/sweeps/reward_curves.yaml --profile cpu \\
@@ -23,11 +23,14 @@ from .config import RUNS_DIR, Config, load_config
 
 
 def load_sweep(path) -> dict[str, dict]:
-    """Run name -> overrides, from a sweep file."""
-    runs = (yaml.safe_load(Path(path).read_text()) or {}).get("runs")
+    """Run name -> overrides (the file's ``common`` ones first), from a sweep file."""
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    runs, common = content.get("runs"), content.get("common") or {}
     if not isinstance(runs, dict) or not runs:
         raise ValueError(f"{path}: expected a mapping 'runs: {{name: {{key: value}}}}'")
-    return runs
+    if not isinstance(common, dict):
+        raise ValueError(f"{path}: 'common' must be a mapping of overrides")
+    return {name: {**common, **(overrides or {})} for name, overrides in runs.items()}
 
 
 def run_config(cfg: Config, name: str, overrides: dict) -> Config:

@@ -73,9 +73,18 @@ def make_accelerator(cfg: Config):
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
+def learning_rate(cfg: Config) -> float:
+    """The stage's peak learning rate: ``preference_learning_rate`` (when set) for preference
+    runs, ``learning_rate`` otherwise."""
+    preference = cfg.train.get("preference_learning_rate")
+    if cfg.train.stage == "preference" and preference is not None:
+        return float(preference)
+    return float(cfg.train.learning_rate)
+
+
 def make_optimizer(cfg: Config, parameters):
     name = cfg.train.optimizer
-    kwargs = dict(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    kwargs = dict(lr=learning_rate(cfg), weight_decay=cfg.train.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(parameters, **kwargs)
     if name in ("adamw_8bit", "paged_adamw_8bit"):

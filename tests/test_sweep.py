@@ -18,12 +18,12 @@ def test_sweep_runs_once_and_collects_logs(tmp_path, monkeypatch):
     train_lib.train(cfg.with_overrides({"output_dir": str(tmp_path / "runs" / "tiny-sft")}),
                     progress=False)
     file = tmp_path / "sweep.yaml"
-    file.write_text("runs:\n  a: {loss_type: dpo, init_adapter: sft}\n"
+    file.write_text("common: {beta: 0.2}\nruns:\n  a: {loss_type: dpo, init_adapter: sft}\n"
                     "  b: {loss_type: ipo, seed: 1, beta: 0.5}\n")
     folders = sweep.run_sweep(file, cfg, out_dir=tmp_path / "out", progress=False)
     assert set(folders) == {"a", "b"}
     a = load_config(str(folders["a"] / "config.yaml"))
-    assert a.train.init_adapter == str(tmp_path / "runs" / "tiny-sft")
+    assert a.train.init_adapter == str(tmp_path / "runs" / "tiny-sft") and a.train.beta == 0.2
     b = load_config(str(folders["b"] / "config.yaml"))
     assert (b.seed, b.train.beta, b.train.loss_type, b.train.stage) == (1, 0.5, "ipo",
                                                                            "preference")
@@ -40,6 +40,9 @@ def test_bad_sweep_file(tmp_path):
     file = tmp_path / "sweep.yaml"
     file.write_text("runs: []\n")
     with pytest.raises(ValueError, match="runs"):
+        sweep.load_sweep(file)
+    file.write_text("common: [1]\nruns: {a: {}}\n")
+    with pytest.raises(ValueError, match="common"):
         sweep.load_sweep(file)
     with pytest.raises(FileNotFoundError):
         sweep.load_sweep_runs(tmp_path)

@@ -208,3 +208,15 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path):
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_preference_runs_can_have_their_own_learning_rate(tmp_path):
+    cfg = load_config("tiny", overrides={"learning_rate": 1e-3, "preference_learning_rate": 1e-4})
+    assert train_lib.learning_rate(cfg.with_overrides({"stage": "sft"})) == 1e-3
+    assert train_lib.learning_rate(cfg.with_overrides({"stage": "preference"})) == 1e-4
+    unset = cfg.with_overrides({"stage": "preference", "preference_learning_rate": None})
+    assert train_lib.learning_rate(unset) == 1e-3
+    result = train_lib.train(tiny(tmp_path, "lr", stage="sft", learning_rate=2e-3,
+                                  preference_learning_rate=1e-5, warmup_steps=0,
+                                  lr_scheduler="constant"), progress=False)
+    assert {r["lr"] for r in result.metrics if "lr" in r} == {2e-3}   # sft: learning_rate
