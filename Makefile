@@ -10,7 +10,7 @@ NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Executed copies of the notebooks go here; OUT=notebooks re-executes the committed ones in place.
 OUT        ?= runs/tutorial
 
-.PHONY: setup tutorial test test-unit test-notebooks notebooks lab data clean
+.PHONY: setup tutorial test test-unit test-notebooks test-gpu gpu-wheels notebooks lab data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ test-unit: setup
 
 test-notebooks: setup
 	$(TEST_ENV) $(PY) -m pytest -q --nbval-lax notebooks
+
+# GPU CI: the CUDA-marked unit tests, then nbval over every notebook in the gpu-smoke profile.
+# Where torch with CUDA is already installed (a conda env, the lent GPU machine), name its Python:
+# `make test-gpu PY=python3` then skips the .venv set-up.
+GPU_ENV    := DPO_PROFILE=gpu-smoke DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
+NEEDS_CUDA := import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+  f"make test-gpu needs a CUDA GPU, and torch {torch.__version__} sees none; `make test` is the CPU suite")
+
+test-gpu: $(if $(filter command line,$(origin PY)),,setup)  ## CUDA tests + nbval in gpu-smoke (needs a GPU)
+	@$(PY) -c '$(NEEDS_CUDA)'
+	$(GPU_ENV) $(PY) -m pytest -q -rP -m cuda tests -p no:cacheprovider
+	$(GPU_ENV) $(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
+
+gpu-wheels: setup  ## wheels for the lent GPU machine (no network there) into .whl/, see .ci/gpu-run
+	$(PY) .ci/gpu_wheels.py
 
 notebooks: setup  ## maintainers: re-execute the committed notebooks in place, cpu profile
 	$(MAKE) tutorial PROFILE=cpu OUT=notebooks

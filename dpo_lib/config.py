@@ -1,8 +1,9 @@
 """Profiles and run configs: one YAML file per recipe, single keys overridable.
 
-A *profile* (``tiny``, ``cpu``, ``gpu``) is a YAML file in ``configs/`` that fixes the model, the
-data source, the lengths, batch sizes, steps and quantization. A recipe file may start from a
-profile with ``base: <profile or path>`` and change only what differs.
+A *profile* (``tiny``, ``cpu``, ``gpu``, and ``gpu-smoke`` for GPU CI) is a YAML file in
+``configs/`` that fixes the model, the data source, the lengths, batch sizes, steps and
+quantization. A recipe file may start from a profile with ``base: <profile or path>`` and change
+only what differs.
 
 The profile is chosen by, in order: the ``name`` argument, the ``DPO_PROFILE`` environment
 variable, then ``auto`` (``gpu`` when CUDA is available, ``cpu`` otherwise). ``DPO_PROFILE`` may also
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-PROFILES = ("tiny", "cpu", "gpu")
+PROFILES = ("tiny", "cpu", "gpu", "gpu-smoke")
 ENV_VAR = "DPO_PROFILE"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -194,6 +195,23 @@ def _read_yaml(name_or_path: str, seen: tuple = ()) -> dict:
 def load_config(name: str | None = None, overrides=None) -> Config:
     """Read a profile or recipe file (see :func:`resolve_profile`) and apply dotted overrides."""
     return Config(_read_yaml(resolve_profile(name))).with_overrides(overrides)
+
+
+def require_device(cfg: Config, what: str = "this") -> None:
+    """Fail fast, before any download or training, where the config needs CUDA and there is none.
+
+    A config says so with ``requires_cuda: true`` (the ``gpu`` and ``gpu-smoke`` profiles): their
+    4-bit CUDA kernels, 16-bit mixed precision and paged optimizer have no CPU counterpart. Reading
+    such a config (e.g. a GPU run's saved ``config.yaml`` on a laptop) stays possible.
+    """
+    import torch
+
+    if cfg.get("requires_cuda", False) and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"profile {cfg.get('profile', '?')!r} needs a CUDA GPU for {what}, and torch sees none "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). Without a GPU use "
+            f"DPO_PROFILE=cpu (a real model, 4-bit on the CPU) or DPO_PROFILE=tiny; with one, "
+            f"install a CUDA build of torch (README: GPU set-up).")
 
 
 def describe(cfg: Config) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, require_device
 from .bundled import TINY_TOKENIZER_DIR
 from .data import HubUnavailableError, check_hub_reachable
 
@@ -215,6 +215,7 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
+    require_device(cfg, "its model")
     name = cfg.model.name
     trust_remote_code = trust_remote_code or bool(cfg.model.get("trust_remote_code", False))
     quantization = quantization or cfg.model.quantization
@@ -222,6 +223,7 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(quantization, dtype)
     bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype,
                               cfg.model.get("quant_storage"))
+    device_map = {"": 0} if torch.cuda.is_available() else None
     if name == "tiny-gpt-neox" or name.startswith("random:"):
         arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
         torch.manual_seed(cfg.model.get("init_seed", 0) if seed is None else seed)
@@ -234,11 +236,10 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
             model.save_pretrained(folder)
             del model
             return _standard_layout(AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=bnb, dtype=weight_dtype))
+                folder, quantization_config=bnb, dtype=weight_dtype, device_map=device_map))
     source = str(smollm2_checkpoint()) if name == SMOLLM2 else name
     if name != SMOLLM2:
         _check_model_source(name)
-    device_map = {"": 0} if torch.cuda.is_available() else None
     return _standard_layout(AutoModelForCausalLM.from_pretrained(
         source, quantization_config=bnb, dtype=weight_dtype, device_map=device_map,
         trust_remote_code=trust_remote_code))

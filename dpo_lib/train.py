@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .config import RUNS_DIR, Config, load_config
+from .config import RUNS_DIR, Config, load_config, require_device
 from .losses import default_average, preference_loss, preference_metrics, sequence_logps
 
 IGNORE_INDEX = data_lib.IGNORE_INDEX
@@ -63,6 +63,7 @@ def average_logps(cfg: Config) -> bool:
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
+    require_device(cfg, "training")
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = "no"

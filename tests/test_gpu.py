@@ -1,0 +1,202 @@
+"""The GPU path: CUDA kernels, 16-bit compute, the paged optimizer, the seed recipe's memory.
+
+Every test here needs CUDA and is skipped without it; `make test-gpu` runs them (with nbval over
+the notebooks in the ``gpu-smoke`` profile). The CPU checks of the same profile are in
+``test_config.py`` and at the end of this file.
+"""
+import math
+
+import pytest
+import torch
+
+from dpo_lib import quantization as Q
+from dpo_lib import train as train_lib
+from dpo_lib.config import load_config
+from dpo_lib.data import IGNORE_INDEX
+from dpo_lib.losses import preference_loss
+from dpo_lib.models import add_lora, load_model, reference_mode
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GIB = 1024 ** 3
+
+
+def random_preference_batch(pairs: int, length: int, vocab: int, prompt: int, device,
+                            seed: int = 0) -> dict:
+    """``[pairs, length]`` chosen and rejected ids that share a ``prompt``-token prompt, every
+    position real (no padding: the worst case for memory), prompt labels masked."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, pairs, length), generator=generator)
+    ids[1, :, :prompt] = ids[0, :, :prompt]
+    labels = ids.clone()
+    labels[:, :, :prompt] = IGNORE_INDEX
+    mask = torch.ones(pairs, length, dtype=torch.long)
+    batch = {"chosen_input_ids": ids[0], "rejected_input_ids": ids[1],
+             "chosen_attention_mask": mask, "rejected_attention_mask": mask.clone(),
+             "chosen_labels": labels[0], "rejected_labels": labels[1]}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def dpo_step(cfg, pairs: int, length: int) -> dict:
+    """One DPO training step as the trainer takes it: the profile's model with LoRA, its
+    accelerator (mixed precision) and optimizer; the reference pass with adapters off, then the
+    policy pass over chosen and rejected together, the loss, backward, optimizer step."""
+    model = add_lora(load_model(cfg), cfg)
+    accelerator = train_lib.make_accelerator(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train_lib.make_optimizer(cfg, trainable)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = random_preference_batch(pairs, length, model.config.vocab_size,
+                                    prompt=length // 2, device=accelerator.device)
+    with reference_mode(model):
+        ref_chosen, ref_rejected, _, _ = train_lib.concatenated_logps(model, batch)
+    model.train()
+    chosen, rejected, _, _ = train_lib.concatenated_logps(model, batch)
+    losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta,
+                                   cfg.train.loss_type, cfg.train.label_smoothing)
+    loss = losses.mean()
+    accelerator.backward(loss)
+    grads = [p.grad for p in trainable if p.grad is not None]
+    before = [p.detach().clone() for p in trainable]
+    optimizer.step()
+    moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, trainable))
+    return dict(loss=loss.item(), logps=(chosen.detach(), rejected.detach()), grads=grads,
+                trainable=len(trainable), moved=moved, model=model)
+
+
+def check_finite_step(step: dict) -> None:
+    assert math.isfinite(step["loss"])
+    chosen, _ = step["logps"]
+    assert chosen.dtype == torch.float32 and all(torch.isfinite(t).all() for t in step["logps"])
+    assert len(step["grads"]) == step["trainable"] > 0          # every LoRA matrix got a gradient
+    assert all(torch.isfinite(g).all() for g in step["grads"])
+    assert any(g.abs().sum() > 0 for g in step["grads"])
+    assert step["moved"] > 0                                      # the optimizer changed weights
+
+
+@cuda
+@pytest.mark.cuda
+def test_4bit_training_step_on_cuda():
+    cfg = load_config("gpu-smoke")
+    step = dpo_step(cfg, pairs=2, length=64)
+    check_finite_step(step)
+    layer = step["model"].get_base_model().gpt_neox.layers[0].mlp.dense_h_to_4h
+    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.base_layer.weight.is_cuda
+    assert layer.base_layer.weight.quant_state.nested             # double quantization on
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7,), (257, 131), (2560, 2560)])
+def test_cuda_nf4_codes_equal_the_reference_quantizer(shape, dtype):
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(sum(shape))
+    weight = (torch.randn(shape) * 0.02).to(dtype)
+    packed, absmax = Q.quantize_nf4(weight, blocksize=64)                     # CPU reference
+    cuda_packed, state = F.quantize_4bit(weight.cuda(), blocksize=64, quant_type="nf4")
+    assert torch.equal(cuda_packed.cpu(), packed)
+    assert torch.equal(state.absmax.cpu(), absmax)
+    restored = Q.dequantize_nf4(packed, absmax, shape, 64, dtype=dtype)
+    assert torch.equal(F.dequantize_4bit(cuda_packed, state).reshape(shape).cpu(), restored)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_double_quantization_equals_the_reference():
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 999) * 0.05
+    _, state = F.quantize_4bit(weight.cuda(), blocksize=64, quant_type="nf4",
+                               compress_statistics=True)
+    _, absmax = Q.quantize_nf4(weight)
+    codes, absmax2, offset = Q.double_quantize(absmax, table_size=65536)
+    assert torch.equal(state.absmax.cpu(), codes)
+    assert torch.equal(state.state2.absmax.cpu(), absmax2)
+    assert state.offset.item() == pytest.approx(float(offset))
+
+
+@cuda
+@pytest.mark.cuda
+def test_fp16_compute_gives_finite_dpo_logps():
+    cfg = load_config("gpu-smoke", overrides={"model.compute_dtype": "float16",
+                                              "train.mixed_precision": "fp16"})
+    step = dpo_step(cfg, pairs=2, length=128)
+    check_finite_step(step)
+
+
+@cuda
+@pytest.mark.cuda
+def test_seed_recipe_dpo_step_fits_in_24_gb():
+    """pythia-2.8b's shape (random weights), NF4 + double quant, LoRA r 8, gradient checkpointing,
+    the gpu profile's micro-batch of 4 pairs at max length 512, paged 8-bit AdamW."""
+    from dpo_lib.memory import estimate_memory
+
+    cfg = load_config("gpu", overrides={"model.name": "random:pythia-2.8b"})
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = dpo_step(cfg, pairs=cfg.train.batch_size, length=cfg.data.max_length)
+    peak = torch.cuda.max_memory_allocated()
+    predicted = estimate_memory("pythia-2.8b", batch=cfg.train.batch_size,
+                                seq_len=cfg.data.max_length, gradient_checkpointing=True,
+                                compute_dtype="bfloat16" if torch.cuda.is_bf16_supported()
+                                else "float16").total
+    print(f"\npythia-2.8b DPO step on {torch.cuda.get_device_name(0)}: peak "
+          f"{peak / GIB:.2f} GiB measured, {predicted / GIB:.2f} GiB predicted")
+    check_finite_step(step)
+    assert peak < 24e9                                 # the seed's RTX 4090: 24 GB
+
+
+# --------------------------------------------------------------------------------------------
+# What CPU can check of the same path
+# --------------------------------------------------------------------------------------------
+
+def test_dpo_step_helper_on_cpu():
+    """The step the CUDA tests take, on the CPU 4-bit path, so the helper itself is tested here."""
+    cfg = load_config("tiny", overrides={"model.quantization": "nf4", "model.double_quant": True})
+    step = dpo_step(cfg, pairs=2, length=32)
+    check_finite_step(step)
+    # Before the first step LoRA's B is zero, so the policy equals the reference: loss log 2.
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_gpu_smoke_is_the_gpu_profile_at_smoke_scale():
+    smoke, gpu = load_config("gpu-smoke"), load_config("gpu")
+    assert set(smoke.to_dict()) == set(gpu.to_dict())
+    for section in ("model", "data", "train"):
+        assert set(smoke.to_dict()[section]) - {"init_seed"} == set(gpu.to_dict()[section])
+    for key in ("model.quantization", "model.double_quant", "model.compute_dtype",
+                "model.gradient_checkpointing", "train.optimizer", "train.mixed_precision",
+                "requires_cuda"):
+        assert smoke.get_path(key) == gpu.get_path(key), key
+    assert smoke.model.name == "random:pythia-160m"                  # no download
+    assert smoke.data.source == "bundled"
+    assert smoke.train.sft_steps <= 10 and smoke.train.preference_steps <= 10
+
+
+@pytest.mark.parametrize("profile", ["gpu", "gpu-smoke"])
+def test_cuda_profiles_fail_fast_without_cuda(profile, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(profile)
+    with pytest.raises(RuntimeError, match=f"profile '{profile}' needs a CUDA GPU for its model"
+                       r".*DPO_PROFILE=cpu"):
+        load_model(cfg)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU for training"):
+        train_lib.make_accelerator(cfg)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        train_lib.train(cfg.with_overrides({"train.output_dir": "/nonexistent/never-written"}),
+                        progress=False)
+
+
+def test_gpu_smoke_model_and_data_fit_on_cpu(tmp_path):
+    """The gpu-smoke run itself on the CPU, with CPU stand-ins for its CUDA-only pieces: the model
+    builds, the bundled data fits its lengths, SFT steps run and the loss is finite."""
+    cfg = load_config("gpu-smoke", overrides={
+        "requires_cuda": False, "train.optimizer": "adamw", "train.mixed_precision": "no",
+        "train.sft_steps": 2, "train.eval_every": 2, "train.save_every": 0,
+        "data.train_limit": 8, "data.test_limit": 4, "train.output_dir": str(tmp_path / "sft")})
+    result = train_lib.train(cfg, progress=False)
+    rows = train_lib.read_metrics(result.output_dir)
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
