@@ -211,7 +211,7 @@ def require_device(cfg: Config, what: str = "this") -> None:
             f"profile {cfg.get('profile', '?')!r} needs a CUDA GPU for {what}, and torch sees none "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False). Without a GPU use "
             f"DPO_PROFILE=cpu (a real model, 4-bit on the CPU) or DPO_PROFILE=tiny; with one, "
-            f"install a CUDA build of torch (README: GPU set-up).")
+            f"install a CUDA build of torch (README: GPU users).")
 
 
 def describe(cfg: Config) -> str:
