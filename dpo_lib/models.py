@@ -112,6 +112,13 @@ def smollm2_checkpoint(progress: bool = True) -> Path:
 # Tokenizers
 # --------------------------------------------------------------------------------------------
 
+def uses_tiny_tokenizer(cfg_or_name) -> bool:
+    """Whether a model gets the project's own byte-level tokenizer (``data/tiny-tokenizer``):
+    ``tiny-gpt-neox`` and the random-weight ``random:<arch>`` models."""
+    name = _name(cfg_or_name)
+    return name == "tiny-gpt-neox" or name.startswith("random:")
+
+
 def load_tokenizer(cfg_or_name, trust_remote_code: bool = False):
     """The tokenizer of a profile's model (or of a model name), with a pad token set."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -120,7 +127,7 @@ def load_tokenizer(cfg_or_name, trust_remote_code: bool = False):
     if isinstance(cfg_or_name, Config):
         trust_remote_code = trust_remote_code or bool(cfg_or_name.model.get("trust_remote_code",
                                                                             False))
-    if name == "tiny-gpt-neox" or name.startswith("random:"):
+    if uses_tiny_tokenizer(name):
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(TINY_TOKENIZER_DIR / "tokenizer.json"),
             eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")

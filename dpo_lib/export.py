@@ -1,0 +1,528 @@
+"""Deployment files from a training run: merged checkpoint, GGUF, quantized GGUFs.
+
+``python -m dpo_lib.export RUN_DIR --quant q8_0,q4_k_m`` runs the three steps:
+
+1. :func:`merge_adapter`: the run's base model loaded afresh in its profile's quantization,
+   dequantized (for QLoRA: the NF4 weights the adapter was trained against, not the original
+   full-precision ones), the LoRA adapter merged in, saved as a transformers checkpoint with its
+   tokenizer and a chat template.
+2. :func:`convert_to_gguf`: llama.cpp's own ``convert_hf_to_gguf.py``, at the version of the
+   installed llama-cpp-python runtime (:func:`converter_dir` takes it from that version's source
+   distribution, which vendors the converter and its ``gguf-py``).
+3. :func:`quantize_gguf`: Q8_0, Q4_K_M and the other types of :data:`GGUF_TYPES` through
+   ``llama_cpp.llama_model_quantize``.
+
+Files go to ``RUN_DIR/export/`` unless ``--out`` says otherwise: ``merged/`` (the checkpoint),
+``model-f16.gguf``, ``model-q8_0.gguf``, ... and ``export.json`` (what was made from what).
+:mod:`dpo_lib.gguf_check` verifies the results; :mod:`dpo_lib.chat` and :mod:`dpo_lib.app` talk
+to them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, load_config
+from .models import cache_dir, is_quantized, load_model, load_tokenizer, uses_tiny_tokenizer
+
+#: GGUF file types this module makes: ``f16`` and ``f32`` by the converter, the rest by
+#: quantizing the f16 file (the names are llama.cpp's ``LLAMA_FTYPE_MOSTLY_*``).
+GGUF_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0",
+              "q3_k_m", "q2_k")
+
+#: Bits per weight of each type as llama.cpp defines its blocks (K-quant mixes: their main type).
+BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.5,
+                   "q5_0": 5.5, "q4_k_m": 4.5, "q4_k_s": 4.5, "q4_0": 4.5, "q3_k_m": 3.4375,
+                   "q2_k": 2.625}
+
+#: The hh-rlhf dialogue format that every profile trains on ("\\n\\nHuman: ...\\n\\nAssistant:"),
+#: as a chat template, so that chatting with an exported model uses the format its preference
+#: training saw.
+HH_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}")
+
+#: Where an exported model's answer ends besides EOS: the start of a new human turn.
+HH_STOP = ["\n\nHuman:"]
+
+#: llama.cpp's pre-tokenizer for the project's own tokenizer (tiny and random-weight models),
+#: which its converter's table of known tokenizers cannot list: it splits text as GPT-2 does.
+TINY_TOKENIZER_PRE = "gpt-2"
+
+CONVERTER_ENV = "DPO_LLAMA_CPP_CONVERTER"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+class ExportError(RuntimeError):
+    """A step of the export failed; the message says which and what to do."""
+
+
+class ConverterVersionError(ExportError):
+    """The converter, the runtime or the checkpoint's transformers version do not match."""
+
+
+class UnsupportedArchitectureError(ExportError):
+    """llama.cpp's converter has no support for the model's architecture."""
+
+
+# --------------------------------------------------------------------------------------------
+# The llama.cpp converter at the runtime's version
+# --------------------------------------------------------------------------------------------
+
+def runtime_version() -> str:
+    """The installed llama-cpp-python version (the runtime that loads the GGUF files)."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ImportError(
+            "GGUF export and chat need llama-cpp-python: pip install 'dpo-quant[deploy]' (or "
+            "`make setup`); it builds from source, about 6 minutes on 2 cores.") from error
+    return llama_cpp.__version__
+
+
+def fetch_converter(version: str, dest: Path, sdist: str | os.PathLike | None = None) -> Path:
+    """Extract the converter of llama-cpp-python ``version`` into ``dest``.
+
+    From ``sdist`` (a ``llama_cpp_python-<version>.tar.gz``) when given, else from the source
+    distribution that ``pip download`` fetches from the package registry (76 MB; only the
+    converter, its ``conversion`` package and ``gguf-py``, about 2 MB, are kept). Writes
+    ``dest/VERSION``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if sdist is None:
+            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                       "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp]
+            result = subprocess.run(command, capture_output=True, text=True)
+            found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            if result.returncode != 0 or not found:
+                raise ExportError(
+                    f"could not download the source distribution of llama-cpp-python=={version}, "
+                    f"which holds the matching GGUF converter:\n{result.stderr.strip()[-800:]}\n"
+                    f"Offline: fetch llama_cpp_python-{version}.tar.gz elsewhere and run "
+                    f"`python -m dpo_lib.export --fetch-converter --sdist FILE`, or point "
+                    f"${CONVERTER_ENV} at an extracted vendor/llama.cpp folder holding a VERSION "
+                    f"file.")
+            sdist = found[0]
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        staging = Path(tmp) / "converter"
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].split("/")[0] in CONVERTER_FILES]
+            if not members:
+                raise ConverterVersionError(f"{sdist} is not llama-cpp-python {version}'s source "
+                                            f"distribution (no {prefix}convert_hf_to_gguf.py)")
+            for member in members:
+                member.name = member.name[len(prefix):]
+            archive.extractall(staging, members=members, filter="data")
+        (staging / "VERSION").write_text(version + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staging), dest)
+    return dest
+
+
+def check_converter(folder: Path, version: str | None = None) -> Path:
+    """``folder`` if it holds the converter of the runtime's version, else ConverterVersionError."""
+    version = version or runtime_version()
+    stamp = folder / "VERSION"
+    if not (folder / "convert_hf_to_gguf.py").is_file() or not stamp.is_file():
+        raise ConverterVersionError(f"{folder} holds no llama.cpp converter with a VERSION file")
+    found = stamp.read_text().strip()
+    if found != version:
+        raise ConverterVersionError(
+            f"the GGUF converter in {folder} is llama-cpp-python {found}'s, the installed runtime "
+            f"is {version}: a converter newer or older than the runtime can write files that the "
+            f"runtime misreads. Run `python -m dpo_lib.export --fetch-converter` for {version}'s.")
+    return folder
+
+
+def converter_dir(fetch: bool = True) -> Path:
+    """The converter matching the installed runtime: ``$DPO_LLAMA_CPP_CONVERTER`` if set, else
+    ``<cache>/llama.cpp-<version>``, fetched there (:func:`fetch_converter`) when missing."""
+    version = runtime_version()
+    if os.environ.get(CONVERTER_ENV):
+        return check_converter(Path(os.environ[CONVERTER_ENV]).expanduser(), version)
+    folder = cache_dir() / f"llama.cpp-{version}"
+    if not (folder / "VERSION").is_file() and fetch:
+        fetch_converter(version, folder)
+    return check_converter(folder, version)
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------
+
+def run_config(run_dir: str | os.PathLike) -> Config:
+    """The config saved in a training run's folder, or a clear error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.yaml "
+                                f"(runs are made by `python -m dpo_lib.train`)")
+    return load_config(str(path))
+
+
+def run_adapter(run_dir: str | os.PathLike) -> Path:
+    """The final LoRA adapter of a run (``RUN_DIR/adapter``), or a clear error."""
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"no adapter in {run_dir}: expected {adapter}/adapter_config.json, which a run writes "
+            f"when it finishes (an unfinished run has only checkpoint-* folders).")
+    return adapter
+
+
+def reference_run(run_dir: str | os.PathLike) -> Path | None:
+    """The SFT run a preference run started from (its reference model), or None."""
+    init = run_config(run_dir).train.get("init_adapter")
+    return Path(init) if init else None
+
+
+def _assert_standard_4bit_layout(model) -> None:
+    """Refuse 4-bit layers that bitsandbytes has repacked for CPU inference: dequantizing those
+    gives weights with bf16-rounded scales, not the ones the adapter was trained against."""
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            raise ExportError(f"{name}: bitsandbytes repacked this 4-bit layer on a forward pass; "
+                              f"merge into a freshly loaded model (merge_adapter loads its own)")
+
+
+def base_weights(cfg: Config, target: str = "quantized"):
+    """The full-precision base model to merge an adapter into, on the CPU in float32.
+
+    ``target="quantized"``: the base as the run trained on it, loaded afresh (no forward pass yet,
+    so bitsandbytes has not repacked it) and, when 4- or 8-bit, dequantized by transformers;
+    ``"original"``: the full-precision weights before quantization (to show the difference).
+    """
+    if target not in ("quantized", "original"):
+        raise ValueError(f"merge target {target!r}: 'quantized' or 'original'")
+    model = load_model(cfg, quantization=None if target == "quantized" else "fp32")
+    if is_quantized(model):
+        _assert_standard_4bit_layout(model)
+        model = model.dequantize()
+    return model.to(device="cpu", dtype=torch.float32).eval()
+
+
+def merge_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  target: str = "quantized", chat_template: str = "training",
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Merge a run's adapter into its base and save a transformers checkpoint in ``out_dir``.
+
+    ``target``: see :func:`base_weights`. ``chat_template``: ``"training"`` (the hh-rlhf dialogue
+    format the run trained on, :data:`HH_CHAT_TEMPLATE`) or ``"model"`` (the base tokenizer's own,
+    e.g. SmolLM2's ChatML; the hh format where it has none). Returns ``out_dir``.
+    """
+    from peft import PeftModel
+
+    if chat_template not in ("training", "model"):
+        raise ValueError(f"chat_template {chat_template!r}: 'training' or 'model'")
+    cfg = run_config(run_dir)
+    adapter = run_adapter(run_dir)
+    model = PeftModel.from_pretrained(base_weights(cfg, target), adapter).merge_and_unload()
+    out_dir = Path(out_dir)
+    model.to(dtype).save_pretrained(out_dir)
+    tokenizer = load_tokenizer(cfg)
+    if chat_template == "training" or not tokenizer.chat_template:
+        tokenizer.chat_template = HH_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    import transformers
+
+    (out_dir / "merge.json").write_text(json.dumps({
+        "run_dir": str(Path(run_dir).resolve()), "adapter": str(adapter.resolve()),
+        "base_model": cfg.model.name, "quantization": cfg.model.quantization,
+        "merge_target": target, "chat_template": chat_template,
+        "transformers_version": transformers.__version__}, indent=2) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Convert and quantize
+# --------------------------------------------------------------------------------------------
+
+def _check_transformers_major(hf_dir: Path) -> dict:
+    import transformers
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    saved = str(config.get("transformers_version", transformers.__version__))
+    if saved.split(".")[0] != transformers.__version__.split(".")[0]:
+        raise ConverterVersionError(
+            f"{hf_dir} was saved by transformers {saved}, the converter would read it with "
+            f"{transformers.__version__}: config keys moved between major versions (GPT-NeoX's "
+            f"rotary_pct became rope_parameters.partial_rotary_factor in 5) and an older reader "
+            f"falls back to defaults without a word. Convert with transformers {saved.split('.')[0]}.x.")
+    return config
+
+
+def expected_gguf_hparams(config: dict) -> dict[str, int]:
+    """What the GGUF header must say for a transformers ``config.json`` (checked after converting)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", config.get("rotary_pct",
+                                                           config.get("partial_rotary_factor", 1.0)))
+    return {"embedding_length": config["hidden_size"], "block_count": config["num_hidden_layers"],
+            "attention.head_count": heads, "rope.dimension_count": int(factor * head_dim)}
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict:
+    """The scalar and string fields of a GGUF file's header (through the ``gguf`` package)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(path))
+    fields = {}
+    for name, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        fields[name] = (bytes(value).decode("utf-8", "replace")
+                        if field.types[0] == GGUFValueType.STRING else value.tolist()[0])
+    return fields
+
+
+def check_gguf_hparams(gguf_path: Path, config: dict) -> None:
+    """Raise ExportError where the GGUF header disagrees with the checkpoint's config."""
+    meta = gguf_metadata(gguf_path)
+    arch = meta["general.architecture"]
+    wrong = {key: (meta.get(f"{arch}.{key}"), value)
+             for key, value in expected_gguf_hparams(config).items()
+             if meta.get(f"{arch}.{key}", value) != value}
+    if wrong:
+        raise ExportError(f"{gguf_path} disagrees with its checkpoint (GGUF, expected): {wrong}")
+
+
+def convert_to_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike,
+                    outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
+    """Convert a transformers checkpoint to GGUF with llama.cpp's converter (in a subprocess).
+
+    ``outtype``: ``f16`` (default), ``f32``, ``bf16`` or ``q8_0``. ``pre_tokenizer``: the llama.cpp
+    pre-tokenizer for a tokenizer the converter does not recognise (see
+    :mod:`dpo_lib._gguf_converter`). The header is checked against the config afterwards.
+    """
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    config = _check_transformers_major(hf_dir)
+    converter = converter_dir()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "dpo_lib._gguf_converter", str(converter),
+               pre_tokenizer or "-", str(hf_dir), "--outfile", str(out_file), "--outtype", outtype]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    if result.returncode != 0:
+        log = result.stderr.strip()
+        if "is not supported" in log:
+            arch = (config.get("architectures") or ["?"])[0]
+            raise UnsupportedArchitectureError(
+                f"llama.cpp's converter (llama-cpp-python {converter.name}) does not support "
+                f"{arch}; see `python {converter}/convert_hf_to_gguf.py --print-supported-models`.")
+        raise ExportError(f"the GGUF converter failed on {hf_dir}:\n{log[-2000:]}")
+    check_gguf_hparams(out_file, config)
+    return out_file
+
+
+@contextlib.contextmanager
+def _captured_llama_log():
+    """Collect llama.cpp's log into a list instead of the output: native code writes to file
+    descriptor 2, and llama-cpp-python's log callback to ``sys.stderr`` (a notebook's stream)."""
+    import io
+
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_log = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as log, contextlib.redirect_stderr(python_log):
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(log.read().decode("utf-8", "replace").splitlines())
+            lines.extend(python_log.getvalue().splitlines())
+
+
+def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str) -> Path:
+    """Quantize a GGUF file (f16 or f32) to ``qtype`` (see :data:`GGUF_TYPES`) with llama.cpp.
+
+    llama.cpp's log is kept out of the output; raises ExportError with its tail on failure.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    qtype = qtype.lower()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if qtype not in GGUF_TYPES or ftype is None:
+        raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = len(os.sched_getaffinity(0))
+    with _captured_llama_log() as log:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),
+                                                ctypes.byref(params))
+    if status != 0:
+        raise ExportError(f"llama.cpp could not quantize {source} to {qtype} (status {status}):\n"
+                          + "\n".join(log[-20:]))
+    return Path(dest)
+
+
+def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
+               out_dir: str | os.PathLike | None = None, target: str = "quantized",
+               chat_template: str = "training", keep_merged: bool = True,
+               progress: bool = True) -> dict[str, Path]:
+    """Merge, convert to f16 GGUF, quantize to each of ``quants``; returns ``{name: path}``.
+
+    Names: ``merged`` (the transformers checkpoint), ``f16`` and each quantization. The timings
+    and sizes go to ``out_dir/export.json``.
+    """
+    quants = [q.strip().lower() for q in (quants.split(",") if isinstance(quants, str) else quants)
+              if q.strip()]
+    for qtype in quants:
+        if qtype not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
+    cfg = run_config(run_dir)
+    run_adapter(run_dir)
+    out_dir = Path(out_dir) if out_dir else Path(run_dir) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, seconds = {}, {}
+
+    def step(name, fn, *args, **kwargs):
+        if progress:
+            print(f"[export] {name} ...", flush=True)
+        start = time.perf_counter()
+        files[name] = fn(*args, **kwargs)
+        seconds[name] = round(time.perf_counter() - start, 2)
+
+    step("merged", merge_adapter, run_dir, out_dir / "merged", target, chat_template)
+    step("f16", convert_to_gguf, out_dir / "merged", out_dir / "model-f16.gguf", "f16",
+         TINY_TOKENIZER_PRE if uses_tiny_tokenizer(cfg) else None)
+    for qtype in quants:
+        if qtype != "f16":
+            step(qtype, quantize_gguf, files["f16"], out_dir / f"model-{qtype}.gguf", qtype)
+    if not keep_merged:
+        shutil.rmtree(files.pop("merged"))
+    (out_dir / "export.json").write_text(json.dumps({
+        "run_dir": str(Path(run_dir).resolve()), "llama_cpp_python": runtime_version(),
+        "files": {k: str(v) for k, v in files.items()}, "seconds": seconds,
+        "megabytes": {k: round(v.stat().st_size / 2**20, 2) for k, v in files.items()
+                      if v.is_file()}}, indent=2) + "\n")
+    if progress:
+        for name, path in files.items():
+            print(f"[export] {name:8s} {path}  ({seconds[name]} s)")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# A Hugging Face Space
+# --------------------------------------------------------------------------------------------
+
+SPACE_README = """---
+title: {title}
+emoji: 💬
+colorFrom: indigo
+colorTo: gray
+sdk: gradio
+app_file: app.py
+pinned: false
+license: apache-2.0
+---
+
+# {title}
+
+A chat over `{gguf}`, made by dpo-quant (`python -m dpo_lib.export`): the LoRA adapter of a
+{loss} run merged into {base} and quantized to GGUF for llama.cpp. It runs on the free CPU
+hardware (2 vCPUs). Start it locally with `python app.py`.
+"""
+
+
+def write_space(gguf_path: str | os.PathLike, folder: str | os.PathLike, title: str = "dpo-quant chat",
+                base: str = "the base model", loss: str = "preference") -> Path:
+    """A folder ready to push to a Hugging Face Space: ``app.py`` (a copy of :mod:`dpo_lib.app`,
+    which needs only gradio and llama-cpp-python), the GGUF file, ``requirements.txt`` and a
+    ``README.md`` with the Space's settings. Push the GGUF with git-lfs (Spaces store large files
+    in LFS)."""
+    import importlib.metadata
+
+    def pin(package: str, fallback: str) -> str:
+        try:
+            return f"{package}=={importlib.metadata.version(package)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{package}{fallback}"
+
+    folder, gguf_path = Path(folder), Path(gguf_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).with_name("app.py"), folder / "app.py")
+    if (folder / gguf_path.name).resolve() != gguf_path.resolve():
+        shutil.copy(gguf_path, folder / gguf_path.name)
+    (folder / "requirements.txt").write_text(
+        f"{pin('llama-cpp-python', '>=0.3.16')}\n{pin('gradio', '>=5')}\n")
+    (folder / "README.md").write_text(SPACE_README.format(title=title, gguf=gguf_path.name,
+                                                          base=base, loss=loss))
+    return folder
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_lib.export",
+        description="Merge a run's LoRA adapter, convert to GGUF with llama.cpp's converter, "
+                    "quantize, and optionally verify against the transformers model.")
+    parser.add_argument("run_dir", nargs="?", help="a training run's output_dir")
+    parser.add_argument("--quant", default="q8_0,q4_k_m",
+                        help=f"comma-separated GGUF types besides f16 ({', '.join(GGUF_TYPES)})")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    parser.add_argument("--merge-target", choices=("quantized", "original"), default="quantized",
+                        help="merge into the dequantized 4-bit base (default) or the original weights")
+    parser.add_argument("--chat-template", choices=("training", "model"), default="training")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare each GGUF with the merged transformers model on held-out text")
+    parser.add_argument("--space", action="store_true",
+                        help="also write a Hugging Face Space folder (OUT/space) for the last type")
+    parser.add_argument("--fetch-converter", action="store_true",
+                        help="only fetch the converter matching the installed llama-cpp-python")
+    parser.add_argument("--sdist", help="with --fetch-converter: a local llama_cpp_python sdist")
+    args = parser.parse_args(argv)
+    if args.fetch_converter:
+        version = runtime_version()
+        folder = fetch_converter(version, cache_dir() / f"llama.cpp-{version}", args.sdist)
+        print(f"converter of llama-cpp-python {version} in {folder}")
+        return 0
+    if not args.run_dir:
+        parser.error("RUN_DIR is required (or --fetch-converter)")
+    files = export_run(args.run_dir, args.quant, args.out, args.merge_target, args.chat_template)
+    if args.verify:
+        from . import gguf_check
+
+        reference, ref_files = reference_run(args.run_dir), None
+        if reference is not None:           # the implicit reward needs the reference model
+            print(f"[export] the reference run {reference}, the same way, for the reward accuracy")
+            ref_files = export_run(reference, args.quant,
+                                   Path(files["f16"]).parent / "reference", args.merge_target,
+                                   args.chat_template, progress=False)
+        table = gguf_check.verify_exports(args.run_dir, files, ref_files)
+        print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.space:
+        last = [name for name in files if name != "merged"][-1]
+        cfg = run_config(args.run_dir)
+        folder = write_space(files[last], Path(files[last]).parent / "space",
+                             base=cfg.model.name, loss=cfg.train.loss_type)
+        print(f"Space folder: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""GGUF export: merge, llama.cpp conversion and quantization, verification, chat.
+
+Runs use a LoRA adapter with random non-zero weights (what training would leave; the merge does
+not care how they were found), saved with the run's config like a finished training run.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="GGUF export needs llama-cpp-python (the deploy extra)")
+
+from dpo_lib import export, gguf_check  # noqa: E402
+from dpo_lib.chat import reply, stream_reply  # noqa: E402
+from dpo_lib.config import load_config  # noqa: E402
+from dpo_lib.models import add_lora, load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_run(folder: Path, profile: str, overrides=None, seed: int = 0):
+    """A finished-looking run: config.yaml and adapter/ (random LoRA B), and the PEFT model."""
+    cfg = load_config(profile, overrides=overrides or {})
+    cfg = cfg.with_overrides({"train.output_dir": str(folder)})
+    model = add_lora(load_model(cfg), cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    model.save_pretrained(folder / "adapter")
+    cfg.save(folder / "config.yaml")
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny-run")
+    model = make_run(run, "tiny")
+    files = export.export_run(run, ("q8_0", "q4_k_m"), progress=False)
+    return run, model, files
+
+
+@pytest.fixture(scope="module")
+def merged_model(tiny_export):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_export[2]["merged"], dtype=torch.float32).eval()
+
+
+def test_converter_matches_runtime():
+    import llama_cpp
+
+    folder = export.converter_dir()
+    assert (folder / "VERSION").read_text().strip() == llama_cpp.__version__
+    assert (folder / "convert_hf_to_gguf.py").is_file() and (folder / "gguf-py").is_dir()
+
+
+def test_converter_of_another_version_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "convert_hf_to_gguf.py").write_text("")
+    (tmp_path / "VERSION").write_text("0.0.1\n")
+    monkeypatch.setenv(export.CONVERTER_ENV, str(tmp_path))
+    with pytest.raises(export.ConverterVersionError, match="0.0.1.*--fetch-converter"):
+        export.converter_dir()
+
+
+def test_checkpoint_of_another_transformers_major_is_refused(tiny_export, tmp_path):
+    copy = tmp_path / "merged"
+    shutil.copytree(tiny_export[2]["merged"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["transformers_version"] = "4.46.3"
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(export.ConverterVersionError, match="rotary_pct"):
+        export.convert_to_gguf(copy, tmp_path / "x.gguf")
+
+
+def test_missing_adapter_and_missing_run_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        export.export_run(tmp_path)
+    load_config("tiny").save(tmp_path / "config.yaml")
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter.*unfinished run"):
+        export.export_run(tmp_path)
+
+
+def test_unknown_quantization_type(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="unknown GGUF type 'q9_9'"):
+        export.quantize_gguf(tiny_export[2]["f16"], tmp_path / "x.gguf", "q9_9")
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        export.export_run(tiny_export[0], "q8_0,q9_9", out_dir=tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    config = OPTConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                       num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    load_tokenizer("tiny-gpt-neox").save_pretrained(tmp_path)
+    with pytest.raises(export.UnsupportedArchitectureError, match="does not support OPTForCausalLM"):
+        export.convert_to_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_gpt_neox_header_has_the_partial_rotary_dimension(tiny_export):
+    meta = export.gguf_metadata(tiny_export[2]["f16"])
+    # tiny-gpt-neox: head dim 64 / 4 = 16, partial_rotary_factor 0.25 -> 4 rotary dimensions
+    assert meta["general.architecture"] == "gptneox"
+    assert meta["gptneox.rope.dimension_count"] == 4
+    config = json.loads((Path(tiny_export[2]["merged"]) / "config.json").read_text())
+    config["rope_parameters"]["partial_rotary_factor"] = 0.5
+    with pytest.raises(export.ExportError, match="rope.dimension_count"):
+        export.check_gguf_hparams(tiny_export[2]["f16"], config)
+
+
+def test_f16_gguf_matches_transformers_and_quantized_files_differ_a_little(tiny_export, merged_model):
+    examples, sequences = gguf_check.held_out(tiny_export[0], n_pairs=8)
+    results = {}
+    for name in ("f16", "q8_0", "q4_k_m"):
+        llm = gguf_check.open_gguf(tiny_export[2][name], n_ctx=256)
+        try:
+            results[name] = gguf_check.compare_logits(llm, merged_model, sequences)
+        finally:
+            llm.close()
+    print({k: round(v["kl"], 8) for k, v in results.items()})
+    assert results["f16"]["kl"] < 1e-4 and results["f16"]["top1"] > 0.99
+    assert results["f16"]["kl"] < results["q8_0"]["kl"] < results["q4_k_m"]["kl"]
+    assert abs(results["f16"]["ppl_gguf"] / results["f16"]["ppl_hf"] - 1) < 1e-3
+
+
+def test_quantized_files_load_and_generate(tiny_export):
+    for name in ("q8_0", "q4_k_m"):
+        llm = gguf_check.open_gguf(tiny_export[2][name], n_ctx=128, logits_all=False)
+        try:
+            tokens = llm.tokenize(b"\n\nHuman: hello\n\nAssistant:")
+            made = [t for _, t in zip(range(8), llm.generate(tokens, temp=0.0))]
+        finally:
+            llm.close()
+        assert len(made) == 8 and all(0 <= t < 1024 for t in made)
+
+
+def test_pair_logps_of_gguf_equal_transformers(tiny_export, merged_model):
+    """The prompt-cache reuse in pair_logps_gguf gives the same sums as full sequences."""
+    examples, _ = gguf_check.held_out(tiny_export[0], n_pairs=8)
+    llm = gguf_check.open_gguf(tiny_export[2]["f16"], n_ctx=256)
+    try:
+        ours = gguf_check.pair_logps_gguf(llm, examples)
+    finally:
+        llm.close()
+    pad = load_tokenizer("tiny-gpt-neox").pad_token_id
+    theirs = gguf_check.pair_logps_hf(merged_model, examples, pad)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=2e-2)
+    np.testing.assert_allclose(ours[1], theirs[1], atol=2e-2)
+    assert not np.allclose(ours[0], ours[1])
+
+
+def test_preference_accuracies():
+    policy = (np.array([-1.0, -5.0, -2.0]), np.array([-3.0, -4.0, -2.0]))
+    reference = (np.array([-2.0, -6.0, -1.0]), np.array([-2.0, -6.0, -3.0]))
+    out = gguf_check.preference_accuracies(policy, reference)
+    assert out["ranking_accuracy"] == pytest.approx(1 / 3)
+    # margins: (1 - -1) = 2 > 0, (1 - 2) = -1, (-1 - 1) = -2
+    assert out["reward_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_verify_exports_table(tiny_export):
+    table = gguf_check.verify_exports(tiny_export[0], tiny_export[2], n_pairs=8, runtime=True,
+                                      progress=False)
+    assert list(table.index) == ["transformers fp32", "f16", "q8_0", "q4_k_m"]
+    assert table.loc["f16", "kl"] < 1e-4
+    assert (table["file_mb"].iloc[1:].diff().dropna() < 0).all()        # f16 > q8_0 > q4_k_m
+    assert (table.loc[["f16", "q8_0", "q4_k_m"], "tokens_per_second"] > 0).all()
+    assert "reward_accuracy" not in table                                # no reference given
+
+
+def test_merge_target_is_the_dequantized_nf4_base(tmp_path):
+    """QLoRA: the adapter learned against the NF4 weights; merged into them, the model is the one
+    trained; merged into the original full-precision weights, it is not."""
+    run = tmp_path / "run"
+    trained = make_run(run, "tiny", {"model.quantization": "nf4"})
+    ids = torch.tensor([list(range(5, 69))])
+    with torch.no_grad():
+        expected = torch.log_softmax(trained(ids).logits.float(), -1)
+    errors = {}
+    for target in ("quantized", "original"):
+        from transformers import AutoModelForCausalLM
+
+        folder = export.merge_adapter(run, tmp_path / target, target=target)
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = torch.log_softmax(merged(ids).logits.float(), -1)
+        errors[target] = (got - expected).abs().max().item()
+    print(errors)
+    assert errors["quantized"] < 1e-4
+    assert errors["original"] > 20 * errors["quantized"]
+
+
+def test_repacked_4bit_weights_are_refused(tmp_path):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on an inference forward;
+    dequantizing them afterwards would not give the trained-against weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from dpo_lib.models import architecture_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    repacked = any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+                   for m in model.modules() if hasattr(m, "weight"))
+    if not repacked:
+        pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU")
+    with pytest.raises(export.ExportError, match="repacked"):
+        export._assert_standard_4bit_layout(model)
+
+
+def test_exported_tokenizer_speaks_the_training_format(tiny_export):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_export[2]["merged"])
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Bye"}], tokenize=False, add_generation_prompt=True)
+    assert text == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:"
+    meta = export.gguf_metadata(tiny_export[2]["q4_k_m"])
+    assert meta["tokenizer.chat_template"] == export.HH_CHAT_TEMPLATE
+
+
+def test_chat_streams_and_the_cli_answers(tiny_export):
+    llm = gguf_check.open_gguf(tiny_export[2]["q8_0"], n_ctx=256, logits_all=False)
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        pieces = list(stream_reply(llm, messages, max_tokens=12))
+        assert "".join(pieces).strip() == reply(llm, messages, max_tokens=12)
+    finally:
+        llm.close()
+    assert len(pieces) >= 1
+    out = subprocess.run([sys.executable, "-m", "dpo_lib.chat", str(tiny_export[2]["q8_0"]),
+                          "--prompt", "What is the capital of France?", "--max-tokens", "12"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "".join(pieces).strip()
+
+
+def test_export_cli_with_space_folder(tiny_export, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dpo_lib.export", str(tiny_export[0]),
+                          "--quant", "q8_0", "--out", str(tmp_path), "--space"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "model-q8_0.gguf").is_file()
+    assert not (tmp_path / "model-q4_k_m.gguf").exists()
+    space = tmp_path / "space"
+    assert sorted(p.name for p in space.iterdir()) == ["README.md", "app.py", "model-q8_0.gguf",
+                                                       "requirements.txt"]
+    assert "sdk: gradio" in (space / "README.md").read_text()
+    assert "llama-cpp-python==" in (space / "requirements.txt").read_text()
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert set(record["files"]) == {"merged", "f16", "q8_0"}
+
+
+@pytest.mark.slow
+def test_smollm2_export_round_trip(tmp_path):
+    """SmolLM2 (Llama) in the cpu profile's NF4: f16 near-exact, Q8_0 and Q4_K_M further off,
+    and the merge into the dequantized NF4 base reproducing the PEFT model."""
+    try:
+        smollm2_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as error:
+        pytest.skip(str(error))
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    trained = make_run(run, "cpu")
+    files = export.export_run(run, ("q8_0", "q4_k_m"), progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(files["merged"], dtype=torch.float32).eval()
+    examples, sequences = gguf_check.held_out(run, n_pairs=6)
+    with torch.no_grad():
+        ids = torch.tensor([sequences[0]])
+        kl_merge = torch.nn.functional.kl_div(
+            torch.log_softmax(merged(ids).logits, -1), torch.log_softmax(trained(ids).logits, -1),
+            log_target=True, reduction="none").sum(-1).mean().item()
+    kl = {}
+    for name in ("f16", "q8_0", "q4_k_m"):
+        llm = gguf_check.open_gguf(files[name], n_ctx=512)
+        try:
+            kl[name] = gguf_check.compare_logits(llm, merged, sequences)["kl"]
+        finally:
+            llm.close()
+    print({"merge": kl_merge, **kl})
+    assert kl_merge < 5e-3
+    assert kl["f16"] < 1e-4 < kl["q8_0"] < kl["q4_k_m"]
+    llm = gguf_check.open_gguf(files["q4_k_m"], n_ctx=512, logits_all=False)
+    try:
+        answer = reply(llm, [{"role": "user", "content": "What is the capital of France?"}],
+                       max_tokens=24)
+    finally:
+        llm.close()
+    assert answer
+
+
+# --------------------------------------------------------------------------------------------
+# The chat app
+# --------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_export):
+    """The app started with its one command, on the tiny GGUF or ``$DPO_APP_MODEL``."""
+    import os
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    model = os.environ.get("DPO_APP_MODEL") or str(tiny_export[2]["q4_k_m"])
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "dpo_lib.app", model, "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(120):
+            if process.poll() is not None:
+                pytest.fail(f"the app exited:\n{process.stdout.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not answer on its port within 60 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_app_answers_over_http(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    answer = client.predict("What is the capital of France?", api_name="/respond")
+    assert isinstance(answer, str) and answer.strip()
+
+
+def test_app_in_a_headless_browser(app_url):
+    """Debian's chromium types a question into the app and waits for the streamed answer; the
+    screenshot goes to the figures folder (``figures/08_chat_app.png`` comes from this test run
+    with ``DPO_APP_MODEL`` set to the cpu profile's Q4_K_M file and ``DPO_FIGURES_DIR=figures``)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium "
+                    "chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dpo_lib.config import FIGURES_DIR
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1000,820"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        browser.get(app_url)
+        box = WebDriverWait(browser, 30).until(
+            lambda b: b.find_element(By.CSS_SELECTOR, "textarea"))
+        box.send_keys("What is the capital of France?")
+        box.send_keys(Keys.ENTER)
+
+        def answered(b):
+            bots = [e.text for e in b.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")]
+            return bots and bots[-1].strip()
+
+        WebDriverWait(browser, 90).until(answered)
+        import time
+
+        time.sleep(2)                       # let the stream finish before the picture
+        shot = FIGURES_DIR / "08_chat_app.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
