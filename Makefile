@@ -10,7 +10,7 @@ NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # Executed copies of the notebooks go here; OUT=notebooks re-executes the committed ones in place.
 OUT        ?= runs/tutorial
 
-.PHONY: setup tutorial test test-unit test-notebooks test-gpu gpu-wheels notebooks lab data clean
+.PHONY: setup tutorial test test-unit test-notebooks test-gpu gpu-wheels bench notebooks lab data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ test-gpu: $(if $(filter command line,$(origin PY)),,setup)  ## CUDA tests + nbva
 	@$(PY) -c '$(NEEDS_CUDA)'
 	$(GPU_ENV) $(PY) -m pytest -q -rP -m cuda tests -p no:cacheprovider
 	$(GPU_ENV) $(PY) -m pytest -q --nbval-lax notebooks -p no:cacheprovider
+
+bench: setup  ## the TRL comparison here (cpu: SmolLM2-135M in NF4, about 15 min), see benchmarks/README.md
+	$(PY) benchmarks/trl_compare.py --model smollm2 --quant nf4 --pairs 48 --batch 4 --steps 4 \
+	  --max-length 512 --json benchmarks/results/cpu-smollm2-nf4.json
 
 gpu-wheels: setup  ## wheels for the lent GPU machine (no network there) into .whl/, see .ci/gpu-run
 	$(PY) .ci/gpu_wheels.py

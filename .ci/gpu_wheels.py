@@ -34,7 +34,7 @@ CARRY_LIMIT = 64 * 1024 ** 2          # bytes a device call may carry: working t
 # What the notebooks and tests need on the GPU machine beyond its image: bitsandbytes, the data
 # stack, the GGUF reader, nbval and a Jupyter kernel; their needs are followed from this
 # environment's metadata (for Python 3.12 on Linux) down to what the image already has.
-ROOTS = ["bitsandbytes", "datasets", "gguf", "nbval", "ipykernel"]
+ROOTS = ["bitsandbytes", "datasets", "gguf", "nbval", "ipykernel", "trl"]
 # The GPU image's Python packages, from .library/device/KINDS.md as read on 2026-11-17.
 IMAGE_HAS = set("""
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch

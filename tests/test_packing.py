@@ -1,0 +1,131 @@
+"""Shared-prompt packing and the chunked output layer give the plain forward's log-probs and
+gradients."""
+import pytest
+import torch
+
+from dpo_lib import packing
+from dpo_lib import train as trainer
+from dpo_lib.config import load_config
+from dpo_lib.data import collate_preference, load_preference_pairs, tokenize_pairs
+from dpo_lib.losses import head_logps, response_logps, sequence_logps
+from dpo_lib.models import add_lora, load_model, load_tokenizer
+
+
+def _pair(prompt, chosen, rejected):
+    return {"prompt_input_ids": prompt, "chosen_input_ids": prompt + chosen,
+            "chosen_labels": [-100] * len(prompt) + chosen,
+            "rejected_input_ids": prompt + rejected,
+            "rejected_labels": [-100] * len(prompt) + rejected}
+
+
+def test_layout_of_a_packed_pair():
+    batch = packing.collate_shared_prompt([_pair([5, 6, 7], [8, 9], [10, 11, 12]),
+                                           _pair([5], [8], [9])], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12], [5, 8, 9, 0, 0, 0, 0, 0]]
+    assert batch["segment_ids"].tolist()[0] == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert batch["position_ids"].tolist()[0] == [0, 1, 2, 3, 4, 3, 4, 5]
+    # chosen 8 <- position 2 (last prompt token), 9 <- 3; rejected 10 <- 2, 11 <- 5, 12 <- 6
+    assert batch["chosen_rows"].tolist() == [[2, 3], [0, 0]]
+    assert batch["chosen_targets"].tolist() == [[8, 9], [8, -100]]
+    assert batch["rejected_rows"].tolist()[0] == [2, 5, 6]
+    mask = packing.attention_mask_4d(batch["segment_ids"], torch.float32)[0, 0]
+    assert mask[6].tolist() == [True, True, True, False, False, True, True, False]   # r1 sees p, r0, r1
+    assert mask[4].tolist() == [True, True, True, True, True, False, False, False]   # c1 sees p, c0, c1
+    padded = packing.attention_mask_4d(batch["segment_ids"], torch.float32)[1, 0]
+    assert padded[5].tolist() == [False] * 5 + [True, False, False]                 # padding: itself only
+
+
+def test_response_logps_equals_sequence_logps_shifted():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, -100, 4, 5, 6]])
+    expected = sequence_logps(logits, labels)
+    assert torch.allclose(response_logps(logits[:, :-1], labels[:, 1:]), expected)
+    with pytest.raises(ValueError, match="targets"):
+        response_logps(logits, labels[:, 1:])
+
+
+def test_prompt_mismatch_is_an_error():
+    bad = _pair([5, 6], [7], [8])
+    bad["rejected_input_ids"] = [5, 9, 8]
+    with pytest.raises(ValueError, match="rejected sequence does not start"):
+        packing.collate_shared_prompt([bad], 0)
+
+
+def test_head_logps_equals_response_logps_of_the_logits():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, -100, 3, 4], [-100, -100, 5, 6, 10]])
+    ours = head_logps(hidden, head, targets)
+    (g_hidden, g_weight, g_bias) = torch.autograd.grad(ours.sum() * 1.5, (hidden, head.weight,
+                                                                          head.bias))
+    expected = response_logps(head(hidden), targets)
+    e_hidden, e_weight, e_bias = torch.autograd.grad(expected.sum() * 1.5, (hidden, head.weight,
+                                                                            head.bias))
+    torch.testing.assert_close(ours, expected)
+    for a, b in ((g_hidden, e_hidden), (g_weight, e_weight), (g_bias, e_bias)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(head_logps(hidden, head, targets, average=True),
+                               response_logps(head(hidden), targets, average=True))
+
+
+@pytest.mark.parametrize("attention,chunked", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_logps_and_gradients_equal_the_plain_forward(attention, chunked):
+    cfg = load_config("tiny")
+    tokenizer = load_tokenizer(cfg)
+    pairs, _ = load_preference_pairs("bundled", split="test", limit=6)
+    examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    model = add_lora(load_model(cfg), cfg)
+    model.config._attn_implementation = attention
+    with torch.no_grad():                              # non-zero LoRA B, so that LoRA A gets gradients
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    results = {}
+    for name, batch in (("plain", collate_preference(examples, 0)),
+                        ("packed", packing.collate_shared_prompt(examples, 0))):
+        model.zero_grad()
+        values = trainer.pair_logps(model, batch, chunked_head=chunked and name == "packed")
+        (values[0] - 0.5 * values[1]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = [v.detach() for v in values], grads
+    (plain, plain_grads), (packed, packed_grads) = results["plain"], results["packed"]
+    for a, b in zip(plain, packed):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    assert plain_grads.keys() == packed_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-5, rtol=1e-3)
+    fraction = packing.packed_token_fraction(examples)
+    assert 0.5 < fraction < 1.0
+    print(f"{attention}: packed tokens = {fraction:.2f} of the plain pass's")
+
+
+@pytest.mark.parametrize("stage", ["preference", "sft"])
+def test_training_with_the_speed_switches_matches_plain(tmp_path, stage):
+    """Three steps in tiny: the same loss curve with the packed forward and the chunked output
+    layer as without (SFT: the chunked output layer only)."""
+    losses = {}
+    for fast in (False, True):
+        cfg = load_config("tiny", overrides={
+            "train.stage": stage, "train.preference_steps": 3, "train.sft_steps": 3,
+            "train.eval_every": 0, "train.save_every": 0, "train.shared_prompt": fast,
+            "train.chunked_head": fast, "train.output_dir": str(tmp_path / f"run-{fast}")})
+        rows = trainer.train(cfg, progress=False).metrics
+        losses[fast] = [row["loss"] for row in rows if "loss" in row and "eval/loss" not in row]
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_head_on_the_plain_layout_and_in_nf4():
+    cfg = load_config("tiny", overrides={"model.quantization": "nf4"})
+    tokenizer = load_tokenizer(cfg)
+    pairs, _ = load_preference_pairs("bundled", split="test", limit=4)
+    examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    model = add_lora(load_model(cfg), cfg).eval()
+    batch = collate_preference(examples, 0)
+    with torch.no_grad():
+        plain = trainer.pair_logps(model, batch)
+        chunked = trainer.pair_logps(model, batch, chunked_head=True)
+    for a, b in zip(plain, chunked):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
