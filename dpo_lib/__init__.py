@@ -1,6 +1,9 @@
 """dpo_lib: the library behind the dpo-quant notebooks (DPO and IPO with 4-bit QLoRA).
 
 One module per concept: ``config`` (profiles), ``data`` (hh-rlhf pairs), ``bundled`` (the
-project's own preference set and its checker), ``models`` (tokenizers and models per profile).
+project's own preference set and its checker), ``models`` (tokenizers and models per profile),
+``quantization`` (reference NF4), ``memory``, ``losses``, ``packing`` (shared-prompt pairs),
+``train``, ``sweep``, ``analysis``, ``generate``, ``export`` (merge, GGUF, quantize),
+``gguf_check``, ``chat`` and ``app`` (serving the GGUF).
 """
 __version__ = "0.1.0"
