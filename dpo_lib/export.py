@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,11 @@ TINY_TOKENIZER_PRE = "gpt-2"
 
 CONVERTER_ENV = "DPO_LLAMA_CPP_CONVERTER"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (llama.cpp's default is half the machine's)."""
+    return len(os.sched_getaffinity(0))
 
 
 class ExportError(RuntimeError):
@@ -356,10 +362,16 @@ def _captured_llama_log():
             lines.extend(python_log.getvalue().splitlines())
 
 
-def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str) -> Path:
+#: Tensors a quantization gave another type than asked for (K-quants need rows of 256).
+FALLBACK_LOG = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str,
+                  log: list | None = None) -> Path:
     """Quantize a GGUF file (f16 or f32) to ``qtype`` (see :data:`GGUF_TYPES`) with llama.cpp.
 
-    llama.cpp's log is kept out of the output; raises ExportError with its tail on failure.
+    llama.cpp's log is kept out of the output (its lines are appended to ``log`` when given);
+    raises ExportError with its tail on failure.
     """
     import ctypes
 
@@ -371,14 +383,22 @@ def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str
         raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = len(os.sched_getaffinity(0))
-    with _captured_llama_log() as log:
+    params.nthread = cpu_threads()
+    with _captured_llama_log() as lines:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),
                                                 ctypes.byref(params))
+    if log is not None:
+        log.extend(lines)
     if status != 0:
         raise ExportError(f"llama.cpp could not quantize {source} to {qtype} (status {status}):\n"
-                          + "\n".join(log[-20:]))
+                          + "\n".join(lines[-20:]))
     return Path(dest)
+
+
+def fallback_tensors(log: list[str]) -> int:
+    """How many tensors llama.cpp quantized to a fallback type, from its quantize log."""
+    found = [FALLBACK_LOG.search(line) for line in log]
+    return sum(int(m.group(1)) for m in found if m)
 
 
 def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
@@ -399,7 +419,7 @@ def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
     run_adapter(run_dir)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, seconds = {}, {}
+    files, seconds, fallbacks = {}, {}, {}
 
     def step(name, fn, *args, **kwargs):
         if progress:
@@ -413,12 +433,15 @@ def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
          TINY_TOKENIZER_PRE if uses_tiny_tokenizer(cfg) else None)
     for qtype in quants:
         if qtype != "f16":
-            step(qtype, quantize_gguf, files["f16"], out_dir / f"model-{qtype}.gguf", qtype)
+            log: list[str] = []
+            step(qtype, quantize_gguf, files["f16"], out_dir / f"model-{qtype}.gguf", qtype, log)
+            fallbacks[qtype] = fallback_tensors(log)
     if not keep_merged:
         shutil.rmtree(files.pop("merged"))
     (out_dir / "export.json").write_text(json.dumps({
         "run_dir": str(Path(run_dir).resolve()), "llama_cpp_python": runtime_version(),
         "files": {k: str(v) for k, v in files.items()}, "seconds": seconds,
+        "fallback_tensors": fallbacks,
         "megabytes": {k: round(v.stat().st_size / 2**20, 2) for k, v in files.items()
                       if v.is_file()}}, indent=2) + "\n")
     if progress:

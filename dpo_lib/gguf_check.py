@@ -24,11 +24,7 @@ import numpy as np
 import torch
 
 from .data import collate_preference
-
-
-def cpu_threads() -> int:
-    """The cores this process may use (llama.cpp's default is half the machine's)."""
-    return len(os.sched_getaffinity(0))
+from .export import cpu_threads
 
 
 def open_gguf(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
@@ -60,18 +56,21 @@ def hf_log_probs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float().cpu(), dim=-1)
 
 
-def compare_logits(llm, model, sequences: list[list[int]]) -> dict[str, float]:
-    """KL, top-1 agreement and perplexities of a GGUF (open ``llm``) against ``model``.
+def compare_logits(other, model, sequences: list[list[int]]) -> dict[str, float]:
+    """KL, top-1 agreement and perplexities of ``other`` against ``model`` on the same ids.
 
-    ``kl``: mean over all next-token positions of KL(model || GGUF), in nats; ``top1``: share of
-    positions where both pick the same most likely token; ``ppl_gguf``/``ppl_hf``: perplexity of
-    the sequences' own next tokens; ``tokens``: positions compared.
+    ``other``: an open GGUF (``llama_cpp.Llama``) or a second transformers model (e.g. a merged
+    checkpoint against the model as trained). ``kl``: mean over all next-token positions of
+    KL(model || other), in nats; ``top1``: share of positions where both pick the same most
+    likely token; ``ppl_gguf``/``ppl_hf``: perplexity of the sequences' own next tokens under
+    ``other``/``model``; ``tokens``: positions compared.
     """
+    other_log_probs = hf_log_probs if isinstance(other, torch.nn.Module) else gguf_log_probs
     kl_sum = top1 = nll_gguf = nll_hf = positions = 0.0
     for ids in sequences:
         if len(ids) < 2:
             continue
-        reference, ours = hf_log_probs(model, ids), gguf_log_probs(llm, ids)
+        reference, ours = hf_log_probs(model, ids), other_log_probs(other, ids)
         targets = torch.tensor(ids[1:]).unsqueeze(-1)
         kl_sum += (reference.exp() * (reference - ours)).sum(-1).clamp_min(0).sum().item()
         top1 += (reference.argmax(-1) == ours.argmax(-1)).sum().item()
@@ -110,17 +109,17 @@ def pair_logps_gguf(llm, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def pair_logps_hf(model, examples: list[dict], pad_token_id: int,
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The same as :func:`pair_logps_gguf` for a transformers model (fp32 log-probs)."""
-    from .losses import sequence_logps
+    """The same as :func:`pair_logps_gguf` for a transformers model (the trainer's forward,
+    :func:`dpo_lib.train.concatenated_logps`)."""
+    from .train import concatenated_logps
 
     chosen, rejected = [], []
     model.eval()
     for start in range(0, len(examples), batch_size):
         batch = collate_preference(examples[start:start + batch_size], pad_token_id)
-        for key, out in (("chosen", chosen), ("rejected", rejected)):
-            logits = model(input_ids=batch[f"{key}_input_ids"].to(model.device),
-                           attention_mask=batch[f"{key}_attention_mask"].to(model.device)).logits
-            out.append(sequence_logps(logits.float().cpu(), batch[f"{key}_labels"]).numpy())
+        sums = concatenated_logps(model, {k: v.to(model.device) for k, v in batch.items()})
+        chosen.append(sums[0].cpu().numpy())
+        rejected.append(sums[1].cpu().numpy())
     return np.concatenate(chosen), np.concatenate(rejected)
 
 

@@ -132,6 +132,20 @@ def test_f16_gguf_matches_transformers_and_quantized_files_differ_a_little(tiny_
     assert abs(results["f16"]["ppl_gguf"] / results["f16"]["ppl_hf"] - 1) < 1e-3
 
 
+def test_compare_logits_of_two_transformers_models(merged_model, tiny_export):
+    _, sequences = gguf_check.held_out(tiny_export[0], n_pairs=2)
+    same = gguf_check.compare_logits(merged_model, merged_model, sequences)
+    assert same["kl"] == 0 and same["top1"] == 1 and same["ppl_gguf"] == same["ppl_hf"]
+
+
+def test_fallback_tensors_are_counted(tiny_export):
+    record = json.loads((Path(tiny_export[2]["f16"]).parent / "export.json").read_text())
+    # tiny-gpt-neox's 64-wide rows cannot take K-quant blocks of 256; Q8_0 has blocks of 32
+    assert record["fallback_tensors"]["q4_k_m"] > 0 and record["fallback_tensors"]["q8_0"] == 0
+    assert export.fallback_tensors(["x: WARNING: 7 of 28 tensor(s) required fallback "
+                                    "quantization"]) == 7
+
+
 def test_quantized_files_load_and_generate(tiny_export):
     for name in ("q8_0", "q4_k_m"):
         llm = gguf_check.open_gguf(tiny_export[2][name], n_ctx=128, logits_all=False)
@@ -279,11 +293,7 @@ def test_smollm2_export_round_trip(tmp_path):
     files = export.export_run(run, ("q8_0", "q4_k_m"), progress=False)
     merged = AutoModelForCausalLM.from_pretrained(files["merged"], dtype=torch.float32).eval()
     examples, sequences = gguf_check.held_out(run, n_pairs=6)
-    with torch.no_grad():
-        ids = torch.tensor([sequences[0]])
-        kl_merge = torch.nn.functional.kl_div(
-            torch.log_softmax(merged(ids).logits, -1), torch.log_softmax(trained(ids).logits, -1),
-            log_target=True, reduction="none").sum(-1).mean().item()
+    kl_merge = gguf_check.compare_logits(merged, trained, sequences[:1])["kl"]
     kl = {}
     for name in ("f16", "q8_0", "q4_k_m"):
         llm = gguf_check.open_gguf(files[name], n_ctx=512)
