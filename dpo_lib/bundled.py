@@ -4,9 +4,9 @@ model can learn and a reader can see, plus a rule-based checker for generated an
 Every dialogue ends with a factual question from one of several families (arithmetic, capitals,
 opposites, unit conversion, letter counts, weekdays and months, irregular plurals, colour
 mixing), sometimes after earlier turns. The *chosen* answer is correct and polite. The *rejected*
-answer is one of: ``wrong`` (polite but incorrect), ``rude`` (the right or a wrong answer wrapped in
-insults), ``evasive`` (no answer). :func:`judge_response` tells which of these a generated answer
-is, so generations before and after DPO can be scored.
+answer is one of: ``wrong`` (the chosen answer word for word with a wrong fact in it), ``rude``
+(the right or a wrong answer wrapped in insults), ``evasive`` (no answer). :func:`judge_response`
+tells which of these a generated answer is, so generations before and after DPO can be scored.
 
 Regenerate the files in ``data/bundled/`` and the tiny profile's tokenizer with::
 
@@ -208,9 +208,10 @@ def _render(template: str, slots: dict) -> str:
     return template.format(**slots)
 
 
-def _answer_text(family: Family, slots: dict, answer: str, style: str, rng: random.Random) -> str:
+def _answer_text(family: Family, slots: dict, answer: str, style: str, rng: random.Random,
+                 template: str | None = None) -> str:
     sentence = _render(family.sentence, {**slots, "answer": answer})
-    template = rng.choice(POLITE if style == "polite" else RUDE)
+    template = template or rng.choice(POLITE if style == "polite" else RUDE)
     return " " + template.format(sentence=sentence)
 
 
@@ -233,9 +234,11 @@ def make_pair(rng: random.Random) -> tuple[dict, dict]:
     prompt = "".join(f"{HUMAN} {h}{ASSISTANT} {a}" for h, a in turns) + f"{HUMAN} {question}" \
         + ASSISTANT
     kind = rng.choices(("wrong", "rude", "evasive"), weights=(0.45, 0.3, 0.25))[0]
-    chosen = _answer_text(family, slots, correct, "polite", rng)
-    if kind == "wrong":
-        rejected = _answer_text(family, slots, family.wrong(slots, rng), "polite", rng)
+    polite = rng.choice(POLITE)
+    chosen = _answer_text(family, slots, correct, "polite", rng, template=polite)
+    if kind == "wrong":  # the same wording as the chosen answer: the pair differs in the fact only
+        rejected = _answer_text(family, slots, family.wrong(slots, rng), "polite", rng,
+                                template=polite)
     elif kind == "rude":
         answer = correct if rng.random() < 0.5 else family.wrong(slots, rng)
         rejected = _answer_text(family, slots, answer, "rude", rng)

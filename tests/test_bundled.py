@@ -1,4 +1,5 @@
 """The bundled preference set is what its generator writes, and its checker is right."""
+import os
 import random
 
 import pytest
@@ -33,6 +34,27 @@ def test_checker_agrees_with_the_generator():
         assert bundled.judge_response(prompt, chosen).label == "good", (prompt, chosen)
         assert bundled.judge_response(prompt, rejected).label == meta["rejected_kind"], \
             (prompt, rejected)
+
+
+def test_a_wrong_fact_pair_differs_in_the_fact_only():
+    """A 'wrong' rejected answer is the chosen answer's sentence and wording with the wrong fact
+    put in, so that a preference between them is about the fact, not about phrasing or length."""
+    rng = random.Random(7)
+    seen = 0
+    for _ in range(500):
+        row, meta = bundled.make_pair(rng)
+        if meta["rejected_kind"] != "wrong":
+            continue
+        _, chosen, rejected = split_hh_pair(row["chosen"], row["rejected"])
+        prefix = len(os.path.commonprefix([chosen, rejected]))
+        suffix = len(os.path.commonprefix([chosen[::-1], rejected[::-1]]))
+        core_chosen, core_rejected = chosen[prefix:len(chosen) - suffix], \
+            rejected[prefix:len(rejected) - suffix]
+        assert meta["answer"].endswith(core_chosen) or core_chosen in meta["answer"], \
+            (chosen, rejected)
+        assert len(core_rejected) <= max(len(core_chosen), 1) + 12, (chosen, rejected)
+        seen += 1
+    assert seen > 150
 
 
 def prompt(question):
