@@ -11,8 +11,10 @@ import argparse
 import sys
 from typing import Iterator
 
+from .data import HUMAN
+
 #: Besides EOS, an answer ends where the model starts the next human turn.
-STOP = ["\n\nHuman:"]
+STOP = [HUMAN]
 
 
 def load_chat_model(path, n_ctx: int = 1024):

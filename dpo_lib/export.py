@@ -42,11 +42,6 @@ from .models import cache_dir, is_quantized, load_model, load_tokenizer, uses_ti
 GGUF_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0",
               "q3_k_m", "q2_k")
 
-#: Bits per weight of each type as llama.cpp defines its blocks (K-quant mixes: their main type).
-BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.5,
-                   "q5_0": 5.5, "q4_k_m": 4.5, "q4_k_s": 4.5, "q4_0": 4.5, "q3_k_m": 3.4375,
-                   "q2_k": 2.625}
-
 #: The hh-rlhf dialogue format that every profile trains on ("\\n\\nHuman: ...\\n\\nAssistant:"),
 #: as a chat template, so that chatting with an exported model uses the format its preference
 #: training saw.
@@ -57,9 +52,6 @@ HH_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'system' %}{{ message['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}")
-
-#: Where an exported model's answer ends besides EOS: the start of a new human turn.
-HH_STOP = ["\n\nHuman:"]
 
 #: llama.cpp's pre-tokenizer for the project's own tokenizer (tiny and random-weight models),
 #: which its converter's table of known tokenizers cannot list: it splits text as GPT-2 does.

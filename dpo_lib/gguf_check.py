@@ -7,7 +7,8 @@ On the same token ids (the tokenizer's, fed to llama.cpp directly):
 * :func:`pair_logps_gguf` / :func:`pair_logps_hf`: summed response log-probs of held-out
   preference pairs, for the ranking accuracy (chosen more likely than rejected) and, with the
   reference model exported the same way, the DPO implicit-reward accuracy
-  (``beta * (log pi - log pi_ref)`` larger for the chosen answer).
+  (``beta * (log pi - log pi_ref)`` larger for the chosen answer); :func:`verify_exports` divides
+  by the answer lengths where the run trained on token means (IPO's default), as training did.
 * :func:`runtime_figures`: load time, RAM and tokens per second of a fresh process serving the file.
 
 :func:`verify_exports` puts it all in one table, one row per file.
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import collate_preference
 from .export import cpu_threads
 
 
@@ -106,21 +106,14 @@ def pair_logps_gguf(llm, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(chosen), np.array(rejected)
 
 
-@torch.no_grad()
-def pair_logps_hf(model, examples: list[dict], pad_token_id: int,
+def pair_logps_hf(model, examples: list[dict],
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The same as :func:`pair_logps_gguf` for a transformers model (the trainer's forward,
-    :func:`dpo_lib.train.concatenated_logps`)."""
-    from .train import concatenated_logps
+    """The same as :func:`pair_logps_gguf` for a transformers model: the trainer's no-grad pass,
+    :func:`dpo_lib.train.precompute_reference_logps`."""
+    from .train import precompute_reference_logps
 
-    chosen, rejected = [], []
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = collate_preference(examples[start:start + batch_size], pad_token_id)
-        sums = concatenated_logps(model, {k: v.to(model.device) for k, v in batch.items()})
-        chosen.append(sums[0].cpu().numpy())
-        rejected.append(sums[1].cpu().numpy())
-    return np.concatenate(chosen), np.concatenate(rejected)
+    table = precompute_reference_logps(model, examples, batch_size, progress=False)
+    return table["chosen_sums"].numpy(), table["rejected_sums"].numpy()
 
 
 def preference_accuracies(policy: tuple[np.ndarray, np.ndarray],
@@ -213,15 +206,25 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tqdm.auto import tqdm
 
+    from .export import run_config
+    from .train import average_logps
+
     merged = Path(files["merged"])
     tokenizer = AutoTokenizer.from_pretrained(merged)
     examples, sequences = held_out(run_dir, n_pairs, tokenizer)
     n_ctx = max(len(s) for s in [*sequences, *(e["rejected_input_ids"] for e in examples)]) + 8
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if average_logps(run_config(run_dir)):       # the run's aggregation: IPO's token means
+        counts = [np.array([len(e[f"{side}_input_ids"]) - len(e["prompt_input_ids"])
+                            for e in examples]) for side in ("chosen", "rejected")]
+    else:
+        counts = [1, 1]
+
+    def aggregated(pair):
+        return pair[0] / counts[0], pair[1] / counts[1]
 
     def hf_pairs(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        return model, pair_logps_hf(model, examples, pad)
+        return model, aggregated(pair_logps_hf(model, examples))
 
     model, policy_hf = hf_pairs(merged)
     params = _params(model)
@@ -241,14 +244,14 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
         llm = open_gguf(path, n_ctx)
         try:
             logits = compare_logits(llm, model, sequences)
-            policy = pair_logps_gguf(llm, examples)
+            policy = aggregated(pair_logps_gguf(llm, examples))
         finally:
             llm.close()
         reference = None
         if reference_files:
             ref_llm = open_gguf(reference_files[name], n_ctx)
             try:
-                reference = pair_logps_gguf(ref_llm, examples)
+                reference = aggregated(pair_logps_gguf(ref_llm, examples))
             finally:
                 ref_llm.close()
         row = {"file_mb": path.stat().st_size / 2**20,

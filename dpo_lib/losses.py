@@ -168,7 +168,9 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         log_norm = torch.empty_like(out)
         for start in range(0, hidden.shape[0], rows):
             stop = min(hidden.shape[0], start + rows)
-            logits = F.linear(hidden[start:stop], weight, bias).to(dtype)           # [n, V]
+            # hidden in the layer's dtype, as backward recomputes it (under autocast an fp32
+            # final norm can meet a bf16 head; backward runs outside autocast)
+            logits = F.linear(hidden[start:stop].to(weight.dtype), weight, bias).to(dtype)  # [n, V]
             log_norm[start:stop] = torch.logsumexp(logits, dim=-1)
             out[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1) \
                 - log_norm[start:stop]
@@ -186,16 +188,17 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             stop = min(hidden.shape[0], start + rows)
             g = grad_out[start:stop].to(dtype).unsqueeze(-1)                        # [n, 1]
-            logits = F.linear(hidden[start:stop], weight, bias).to(dtype)
+            chunk = hidden[start:stop].to(weight.dtype)
+            logits = F.linear(chunk, weight, bias).to(dtype)
             d_logits = -g * torch.exp(logits - log_norm[start:stop, None])          # [n, V]
             d_logits.scatter_add_(-1, targets[start:stop, None], g)
-            d_logits = d_logits.to(hidden.dtype)
+            d_logits = d_logits.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:stop] = d_logits @ weight
+                grad_hidden[start:stop] = (d_logits @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += d_logits.t() @ hidden[start:stop]
+                grad_weight += d_logits.t() @ chunk
             if grad_bias is not None:
-                grad_bias += d_logits.sum(0)
+                grad_bias += d_logits.sum(0).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None
 
 

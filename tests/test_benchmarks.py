@@ -25,9 +25,10 @@ def test_trl_comparison_runs_and_agrees(tmp_path):
                        ("preference", "ours-shared"), ("preference", "ours-fast"),
                        ("preference", "trl-default"), ("preference", "trl-best")}
     agreement = by[("preference", "agreement")]
-    assert agreement["max_logp_difference"] < 1e-3 * agreement["mean_abs_logp"]
-    assert agreement["max_logp_difference_shared"] < 1e-3 * agreement["mean_abs_logp"]
-    assert agreement["max_logp_difference_fast"] < 1e-3 * agreement["mean_abs_logp"]
+    print({k: v for k, v in agreement.items() if "logp" in k})
+    assert agreement["max_logp_difference"] < 1e-3     # nats, on summed log-probs of ~300 nats
+    assert agreement["max_logp_difference_shared"] < 1e-3
+    assert agreement["max_logp_difference_fast"] < 1e-3
     assert abs(agreement["ours_loss"] - agreement["trl_loss"]) < 1e-4
     for key, result in by.items():
         if key[1] != "agreement":

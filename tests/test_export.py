@@ -133,9 +133,16 @@ def test_f16_gguf_matches_transformers_and_quantized_files_differ_a_little(tiny_
 
 
 def test_compare_logits_of_two_transformers_models(merged_model, tiny_export):
+    """The merged checkpoint against the PEFT model it came from (tiny is unquantized, so the
+    merge is exact), and against the base model without the adapter (it is not)."""
     _, sequences = gguf_check.held_out(tiny_export[0], n_pairs=2)
-    same = gguf_check.compare_logits(merged_model, merged_model, sequences)
-    assert same["kl"] == 0 and same["top1"] == 1 and same["ppl_gguf"] == same["ppl_hf"]
+    peft_model = tiny_export[1]
+    same = gguf_check.compare_logits(merged_model, peft_model, sequences)
+    assert same["kl"] < 1e-6 and same["top1"] == 1
+    assert abs(same["ppl_gguf"] / same["ppl_hf"] - 1) < 1e-5
+    with peft_model.disable_adapter():
+        other = gguf_check.compare_logits(merged_model, peft_model, sequences)
+    assert other["kl"] > 1e-4
 
 
 def test_fallback_tensors_are_counted(tiny_export):
@@ -165,8 +172,7 @@ def test_pair_logps_of_gguf_equal_transformers(tiny_export, merged_model):
         ours = gguf_check.pair_logps_gguf(llm, examples)
     finally:
         llm.close()
-    pad = load_tokenizer("tiny-gpt-neox").pad_token_id
-    theirs = gguf_check.pair_logps_hf(merged_model, examples, pad)
+    theirs = gguf_check.pair_logps_hf(merged_model, examples)
     np.testing.assert_allclose(ours[0], theirs[0], atol=2e-2)
     np.testing.assert_allclose(ours[1], theirs[1], atol=2e-2)
     assert not np.allclose(ours[0], ours[1])
@@ -251,7 +257,7 @@ def test_chat_streams_and_the_cli_answers(tiny_export):
     try:
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         pieces = list(stream_reply(llm, messages, max_tokens=12))
-        assert "".join(pieces).strip() == reply(llm, messages, max_tokens=12)
+        assert "\n\nHuman:" not in "".join(pieces)      # the stop string ends the answer
     finally:
         llm.close()
     assert len(pieces) >= 1

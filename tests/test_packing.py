@@ -3,7 +3,7 @@ gradients."""
 import pytest
 import torch
 
-from dpo_lib import packing
+from dpo_lib import losses, packing
 from dpo_lib import train as trainer
 from dpo_lib.config import load_config
 from dpo_lib.data import collate_preference, load_preference_pairs, tokenize_pairs
@@ -51,7 +51,9 @@ def test_prompt_mismatch_is_an_error():
         packing.collate_shared_prompt([bad], 0)
 
 
-def test_head_logps_equals_response_logps_of_the_logits():
+@pytest.mark.parametrize("chunk_elements", [2 ** 24, 11 * 3])   # one chunk; 3 rows a chunk
+def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_elements):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 11, dtype=torch.float64)
@@ -111,10 +113,27 @@ def test_training_with_the_speed_switches_matches_plain(tmp_path, stage):
             "train.eval_every": 0, "train.save_every": 0, "train.shared_prompt": fast,
             "train.chunked_head": fast, "train.output_dir": str(tmp_path / f"run-{fast}")})
         rows = trainer.train(cfg, progress=False).metrics
-        losses[fast] = [row["loss"] for row in rows if "loss" in row and "eval/loss" not in row]
+        keys = ("loss", "logps/chosen", "logps/rejected") if stage == "preference" else ("loss",)
+        losses[fast] = [[row[k] for k in keys] for row in rows if "loss" in row]
     assert len(losses[True]) == 3
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_head_logps_with_an_fp32_norm_before_a_bf16_head_under_autocast():
+    """Autocast hands an fp32 final norm's output to a bf16 output layer; backward runs outside
+    autocast and must compute the same logits (and not fail on the mixed dtypes)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(8, 11).to(torch.bfloat16)
+    targets = torch.tensor([[1, 2, -100, 3, 4], [-100, -100, 5, 6, 10]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = head_logps(hidden, head, targets)
+    ours.sum().backward()
+    expected = response_logps(head(hidden.detach().bfloat16()).float(), targets)
+    torch.testing.assert_close(ours, expected, atol=1e-2, rtol=1e-2)
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32
+    assert torch.isfinite(hidden.grad).all() and head.weight.grad.dtype == torch.bfloat16
 
 
 def test_chunked_head_on_the_plain_layout_and_in_nf4():
