@@ -17,7 +17,7 @@ batch, LoRA settings, quantization and precision:
 * ``trl-best``: TRL with its documented speed settings: ``precompute_ref_log_probs`` (DPO) and, with
   ``--gradient-checkpointing``, gradient checkpointing as ours uses it.
 
-Data: hh-rlhf pairs (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` where present, else the
+Data: hh-rlhf pairs (the harmless-base test file from ``$DPO_HH_RLHF_DIR`` where it is set, else the
 bundled set) with their real length distribution, tokenized with the model's tokenizer, keeping
 the pairs that fit ``--max-length`` whole (so that both libraries see the same tokens; TRL cuts
 from the end, dpo_lib from the prompt's start). Models: ``tiny`` (the tiny profile's random
@@ -45,7 +45,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 VARIANTS = ("ours", "ours-shared", "ours-fast", "trl-default", "trl-best")
 MODELS = {"tiny": "tiny-gpt-neox", "smollm2": "smollm2-135m-instruct"}
 
@@ -74,7 +73,8 @@ def make_config(args, stage: str, shared: bool = False, output_dir: str | None =
         "model.double_quant": args.quant == "nf4", "model.lora_r": args.lora_r,
         "model.lora_alpha": 2 * args.lora_r,
         "model.gradient_checkpointing": args.gradient_checkpointing,
-        "data.source": str(args.data), "data.train_limit": args.pairs, "data.test_limit": 8,
+        "data.source": str(args.data), "data.order": "file", "data.train_limit": args.pairs,
+        "data.test_limit": 8,
         "data.max_length": args.max_length, "data.max_prompt_length": args.max_length - 1,
         "train.stage": stage, "train.batch_size": args.batch,
         "train.gradient_accumulation_steps": args.accum, "train.eval_batch_size": args.batch * 2,
@@ -101,12 +101,15 @@ def _cuda() -> bool:
 def prepare_pairs(args) -> Path:
     """Pick ``--pairs`` pairs that fit whole; write them as a jsonl of hh-rlhf rows."""
     from dpo_lib import packing
-    from dpo_lib.data import load_preference_pairs, padding_report, tokenize_pairs
+    from dpo_lib.data import hh_rlhf_file, load_preference_pairs, padding_report, tokenize_pairs
     from dpo_lib.models import load_tokenizer
 
     tokenizer = load_tokenizer(MODELS.get(args.model, args.model))
-    source = str(HH_FILE) if HH_FILE.is_file() else "bundled"
-    pairs, report = load_preference_pairs(source, split="train" if source == "bundled" else "test")
+    try:
+        source = str(hh_rlhf_file(download=False))
+    except FileNotFoundError:
+        source = "bundled"
+    pairs, report = load_preference_pairs(source, split="train" if source == "bundled" else None)
     examples, _ = tokenize_pairs(pairs, tokenizer, 10**6, 10**6 - 1)
     fitting = [p for p, e in zip(pairs, examples)
                if max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) <= args.max_length]
@@ -114,11 +117,14 @@ def prepare_pairs(args) -> Path:
         raise SystemExit(f"only {len(fitting)} pairs of {source} fit {args.max_length} tokens")
     chosen = fitting[:args.pairs]
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    path = folder / "train.jsonl"
-    with open(path, "w") as f:
-        for p in chosen:
-            f.write(json.dumps({"chosen": p["prompt"] + p["chosen"],
-                                "rejected": p["prompt"] + p["rejected"]}) + "\n")
+    # train.jsonl: the pairs every variant trains on; test.jsonl: the first 8 of them, only so that
+    # the trainer's set-up finds a test split (a benchmark times steps; its held-out figures mean
+    # nothing)
+    for name, part in (("train.jsonl", chosen), ("test.jsonl", chosen[:8])):
+        with open(folder / name, "w") as f:
+            for p in part:
+                f.write(json.dumps({"chosen": p["prompt"] + p["chosen"],
+                                    "rejected": p["prompt"] + p["rejected"]}) + "\n")
     lengths = [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
                for p, e in zip(pairs, examples) if p in chosen]
     prompts = [len(e["prompt_input_ids"]) for p, e in zip(pairs, examples) if p in chosen]
@@ -136,7 +142,7 @@ def prepare_pairs(args) -> Path:
         print(f"  {name:34s} random order {real / (1 - report['random']):6.0f} "
               f"({report['random']:.0%})   grouped by length "
               f"{real / (1 - report['length_grouped']):6.0f} ({report['length_grouped']:.0%})")
-    return path
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +299,7 @@ def agreement(args) -> dict:
 
     cfg = make_config(args, "preference")
     tokenizer = load_tokenizer(cfg)
-    pairs, _ = load_preference_pairs(str(args.data), split="train", limit=args.batch)
+    pairs, _ = load_preference_pairs(str(args.data), split="train", limit=args.batch, order="file")
     torch.manual_seed(0)
     model = add_lora(load_model(cfg), cfg)
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"],

@@ -10,6 +10,7 @@ inputs as the DPO reference implementation does.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,6 @@ HUMAN = "\n\nHuman:"
 IGNORE_INDEX = -100
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_DIR = REPO_ROOT / "data" / "bundled"
-SHARED_HH_FILE = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 #: Every outcome a row can have, with what it means. ``kept`` first, then the skip reasons.
 OUTCOMES = {
@@ -105,22 +105,31 @@ class PairReport(dict):
     """Outcome -> count for every row read; the values add up to ``rows_read``.
 
     ``examples`` maps each skip reason to ``(row_number, row)`` of its first occurrence, so a
-    reader can look at what was skipped; ``table()`` gives a pandas DataFrame.
+    reader can look at what was skipped; ``subsets`` counts the kept pairs by the subset (file or
+    folder) they came from; ``available`` is the number of rows the split had before ``limit``
+    drew from it, and ``held_out`` the rows of the source set aside for the other split (a source
+    without its own test split, see :func:`load_preference_pairs`). ``table()`` gives a pandas
+    DataFrame.
     """
 
     def __init__(self, source: str):
         super().__init__(kept=0)
         self.source = source
         self.examples: dict[str, tuple[int, object]] = {}
+        self.subsets: dict[str, int] = {}
+        self.available: int | None = None
+        self.held_out = 0
 
     @property
     def rows_read(self) -> int:
         return sum(self.values())
 
-    def add(self, outcome: str, row_number: int, row) -> None:
+    def add(self, outcome: str, row_number: int, row, subset: str | None = None) -> None:
         self[outcome] = self.get(outcome, 0) + 1
         if outcome != "kept":
             self.examples.setdefault(outcome, (row_number, row))
+        elif subset is not None:
+            self.subsets[subset] = self.subsets.get(subset, 0) + 1
 
     def table(self):
         import pandas as pd
@@ -132,14 +141,29 @@ class PairReport(dict):
         return pd.DataFrame(rows).set_index("outcome")
 
     def __str__(self):
-        lines = [f"{self.source}: {self.rows_read} rows read"]
+        drawn = f" (drawn from {self.available})" if self.available not in (None,
+                                                                             self.rows_read) else ""
+        lines = [f"{self.source}: {self.rows_read} rows read{drawn}"]
         lines += [f"  {key:<27} {count:>7}" for key, count in self.items()]
+        if self.held_out:
+            lines.append(f"  {'held out for the other split':<27} {self.held_out:>7}")
+        if len(self.subsets) > 1:
+            lines.append("  kept pairs by subset: " + ", ".join(
+                f"{name} {count}" for name, count in sorted(self.subsets.items())))
         return "\n".join(lines)
 
 
+@dataclass
+class _InvalidLine:
+    line: str
+    error: str
+
+
 def _read_jsonl(path: Path) -> Iterator[object]:
+    """The rows of a ``.jsonl``/``.jsonl.gz`` file; a byte-order mark before the first row is
+    dropped (``utf-8-sig``), an unparsable line comes back as :class:`_InvalidLine`."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rt", encoding="utf-8-sig") as handle:
         for line in handle:
             if not line.strip():
                 continue
@@ -149,33 +173,36 @@ def _read_jsonl(path: Path) -> Iterator[object]:
                 yield _InvalidLine(line, str(error))
 
 
-@dataclass
-class _InvalidLine:
-    line: str
-    error: str
+def _subset_name(path: Path, root: Path) -> str:
+    """``harmless-base`` for ``root/harmless-base/test.jsonl.gz``, the file's stem for a file."""
+    return path.parent.name if path.parent != root else path.name.split(".")[0]
 
 
-def _local_files(path: Path, split: str, data_dir: str | None) -> list[Path]:
-    if path.is_file():
-        return [path]
-    folder = path / data_dir if data_dir else path
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """``folder/{split}.jsonl(.gz)``, else the hh-rlhf layout ``folder/*/{split}.jsonl(.gz)``
+    (one folder per subset, all of them); empty when the folder has no such split."""
     for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
         if (folder / name).is_file():
             return [folder / name]
-    nested = sorted(folder.glob(f"*/{split}.jsonl.gz")) + sorted(folder.glob(f"*/{split}.jsonl"))
-    if nested:  # the hh-rlhf layout: one folder per subset, all read when no data_dir is given
-        return nested
-    raise FileNotFoundError(f"no {split}.jsonl(.gz) in {folder} or its subfolders")
+    return sorted(folder.glob(f"*/{split}.jsonl.gz")) + sorted(folder.glob(f"*/{split}.jsonl"))
 
 
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HH_RLHF_REPO = "Anthropic/hh-rlhf"
+#: The subsets of hh-rlhf with ``{train,test}.jsonl.gz`` files in the chosen/rejected format.
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+#: The environment variable naming a folder with real hh-rlhf files (CI sets it).
+HH_RLHF_DIR_VAR = "DPO_HH_RLHF_DIR"
+#: ``data.source`` prefix for one real hh-rlhf file, found by :func:`hh_rlhf_file`.
+HH_FILE_PREFIX = "hh-rlhf:"
+ORDERS = ("shuffled", "file")
 
 
 def _local_alternatives() -> str:
-    shared = f"'{SHARED_HH_FILE}'" if SHARED_HH_FILE.is_file() else "a downloaded hh-rlhf file"
     return ("Use a local source instead: source='bundled' (the project's own sample in data/), "
-            f"or the path of an hh-rlhf .jsonl/.jsonl.gz file or folder, e.g. {shared}. "
-            "On a machine with network, the files are at "
+            "or the path of an hh-rlhf .jsonl/.jsonl.gz file or folder (set "
+            f"${HH_RLHF_DIR_VAR} to a folder of hh-rlhf files to make them the notebooks' "
+            "real data). On a machine with network, the files are at "
             "https://huggingface.co/datasets/Anthropic/hh-rlhf (one folder per subset).")
 
 
@@ -196,73 +223,245 @@ def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
             from error
 
 
-def _hub_rows(repo_id: str, split: str, data_dir: str | None) -> Iterator[object]:
+def hh_rlhf_file(name: str = "harmless-base/test.jsonl.gz", download: bool = True) -> Path:
+    """One real hh-rlhf file, ``<subset>/<split>.jsonl.gz`` as laid out on the Hub.
+
+    Looked up in the folder ``$DPO_HH_RLHF_DIR`` (as ``name``, or flat as
+    ``harmless-base-test.jsonl.gz``); without that setting, and with ``download``, fetched once
+    through ``huggingface_hub`` into the Hugging Face cache (the harmless-base test file is
+    about 0.7 MB). Raises ``FileNotFoundError`` (the setting names no such file) or
+    :class:`HubUnavailableError` (no setting, and the Hub cannot be reached).
+    """
+    folder = os.environ.get(HH_RLHF_DIR_VAR)
+    flat = name.replace("/", "-")
+    if folder:
+        for candidate in (Path(folder).expanduser() / name, Path(folder).expanduser() / flat):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"${HH_RLHF_DIR_VAR}={folder} holds neither {name} nor {flat}")
+    if not download:
+        raise FileNotFoundError(f"${HH_RLHF_DIR_VAR} is not set and download=False")
+    check_hub_reachable(f"{HH_RLHF_REPO}/{name}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HH_RLHF_REPO, name, repo_type="dataset"))
+    except Exception as error:  # offline mode without the file cached, HTTP errors
+        raise HubUnavailableError(f"cannot download {HH_RLHF_REPO}/{name}: {error}") from error
+
+
+def real_hh_source(name: str = "harmless-base/test.jsonl.gz") -> tuple[str, str]:
+    """``(source, how)`` for a notebook that wants real hh-rlhf rows: the file from
+    :func:`hh_rlhf_file` when it can be had, else ``"bundled"``; ``how`` says which, and why."""
+    try:
+        path = hh_rlhf_file(name)
+    except (FileNotFoundError, HubUnavailableError) as error:
+        return "bundled", (f"real hh-rlhf unavailable ({error}); falling back to the bundled "
+                           "synthetic set, which has none of real data's traps")
+    where = f"${HH_RLHF_DIR_VAR}" if os.environ.get(HH_RLHF_DIR_VAR) else "the Hugging Face cache"
+    return str(path), f"real hh-rlhf: {name} from {where}"
+
+
+def _load_hub_subset(repo_id: str, subset: str | None, split: str):
+    """One subset (``data_dir``) of a Hub dataset as a ``datasets.Dataset``."""
+    from datasets import load_dataset
+
+    return load_dataset(repo_id, data_dir=subset, split=split)
+
+
+def _hub_rows(repo_id: str, split: str, data_dir: str | None, limit: int | None, order: str,
+              seed: int) -> tuple[list[tuple[str, int, object]], int]:
+    """``([(subset, row number, row)], rows available)`` of a Hub dataset's split.
+
+    Without ``data_dir``, hh-rlhf is read subset by subset (:data:`HH_SUBSETS`) and the parts
+    concatenated with a ``subset`` column; ``limit`` then takes ``datasets``' own seeded
+    ``shuffle(seed).select(range(limit))`` over all of them (``order="file"``: the first rows).
+    """
     repo_id = repo_id.removeprefix("hf://")
+    subsets = [data_dir] if data_dir else \
+        list(HH_SUBSETS) if repo_id == HH_RLHF_REPO else [None]
     try:
         check_hub_reachable(f"the dataset {repo_id!r}")
-        from datasets import load_dataset
+        from datasets import concatenate_datasets
 
-        dataset = load_dataset(repo_id, data_dir=data_dir, split=split)
+        parts = []
+        for subset in subsets:
+            part = _load_hub_subset(repo_id, subset, split)
+            parts.append(part.add_column("subset", [subset or repo_id] * len(part)))
+        dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     except Exception as error:  # offline, not cached, DNS, HTTP: one clear message
         raise HubUnavailableError(
             f"cannot load dataset {repo_id!r} (data_dir={data_dir!r}, split={split!r}) from the "
             f"Hub: {error}\n{_local_alternatives()}") from error
-    yield from dataset
+    available = len(dataset)
+    dataset = dataset.add_column("row_number", list(range(available)))
+    if limit is not None and limit < available:
+        if order == "shuffled":
+            dataset = dataset.shuffle(seed=seed)
+        dataset = dataset.select(range(limit))
+    rows = [(row.pop("subset"), row.pop("row_number"), row) for row in dataset]
+    return rows, available
 
 
-def iter_rows(source: str | os.PathLike, split: str = "train",
+def _pair_key(row) -> str:
+    """What decides a row's side of a held-out split: its prompt (so that pairs sharing a
+    dialogue stay together), or the raw row where it cannot be split."""
+    if isinstance(row, dict):
+        try:
+            return parse_hh_row(row)["prompt"]
+        except PairError:
+            pass
+        return json.dumps(row, sort_keys=True, default=str)
+    return row.line if isinstance(row, _InvalidLine) else repr(row)
+
+
+def is_held_out(row, seed: int, test_fraction: float) -> bool:
+    """Whether ``row`` falls in the seeded held-out slice: a hash of ``(seed, prompt)`` below
+    ``test_fraction``. Deterministic, independent of the other rows, of their order and of any
+    limit, so the slice stays the same when ``train_limit`` changes."""
+    digest = hashlib.sha256(f"{seed}\x00{_pair_key(row)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < test_fraction
+
+
+def _local_rows(path: Path, split: str | None, data_dir: str | None,
+                test_fraction: float | None, seed: int, report: "PairReport"):
+    """``[(subset, row number, row)]`` of one split of a local file or folder."""
+    if path.is_file():
+        root, files, sliced = path.parent, [path], split is not None
+    else:
+        root = path / data_dir if data_dir else path
+        if split is None:
+            files = sorted(root.glob("*.jsonl.gz")) + sorted(root.glob("*.jsonl")) + \
+                sorted(root.glob("*/*.jsonl.gz")) + sorted(root.glob("*/*.jsonl"))
+            sliced = False
+        elif _split_files(root, "test") or split != "test" and not _split_files(root, "train"):
+            files, sliced = _split_files(root, split), False   # the source's own split
+            if not files:
+                raise FileNotFoundError(f"no {split}.jsonl(.gz) in {root} or its subfolders")
+        else:  # train files only: both splits are slices of them
+            files, sliced = _split_files(root, "train"), True
+            if not files:
+                raise FileNotFoundError(f"no test.jsonl(.gz) or train.jsonl(.gz) in {root} or "
+                                        "its subfolders")
+    if sliced and not test_fraction:
+        raise ValueError(
+            f"{path} has no {split!r} split of its own: pass test_fraction (config "
+            f"data.test_fraction, e.g. 0.15) to hold out a seeded slice of it for 'test' and "
+            f"train on the rest, or split=None to read every row")
+    rows = []
+    for file in files:
+        subset = _subset_name(file, root)
+        for number, row in enumerate(_read_jsonl(file)):
+            if sliced and is_held_out(row, seed, test_fraction) != (split == "test"):
+                report.held_out += 1
+                continue
+            rows.append((subset, number, row))
+    return rows
+
+
+def iter_rows(source: str | os.PathLike, split: str | None = "train",
               data_dir: str | None = None) -> Iterator[object]:
-    """Raw rows of a source: ``"bundled"``, a local file or folder, or a Hub dataset id."""
-    if str(source) == "bundled":
-        for file in _local_files(BUNDLED_DIR, split, None):
-            yield from _read_jsonl(file)
-        return
-    path = Path(source).expanduser()
+    """Raw rows of a source, in file order: ``"bundled"``, a local file or folder, a real
+    hh-rlhf file (``"hh-rlhf:harmless-base/test.jsonl.gz"``), or a Hub dataset id.
+    ``split=None`` reads every row of a file or folder."""
+    rows, _ = _rows(source, split, data_dir, None, "file", 0, None, PairReport(str(source)))
+    for _, _, row in rows:
+        yield row
+
+
+def _resolve(source) -> str | Path:
+    text = str(source)
+    if text == "bundled":
+        return BUNDLED_DIR
+    if text.startswith(HH_FILE_PREFIX):
+        return hh_rlhf_file(text[len(HH_FILE_PREFIX):])
+    path = Path(text).expanduser()
     if path.exists():
-        for file in _local_files(path, split, data_dir):
-            yield from _read_jsonl(file)
-        return
-    if _HUB_ID.match(str(source)):
-        yield from _hub_rows(str(source), split, data_dir)
-        return
-    raise FileNotFoundError(f"data source {str(source)!r} is neither 'bundled', an existing path, "
+        return path
+    if _HUB_ID.match(text):
+        return text
+    raise FileNotFoundError(f"data source {text!r} is neither 'bundled', an existing path, "
                             f"nor a Hub dataset id. {_local_alternatives()}")
 
 
-def load_preference_pairs(source, split: str = "train", limit: int | None = None,
-                          strict: bool = False, data_dir: str | None = None):
-    """Read up to ``limit`` rows of ``source`` and split each into a preference pair.
+def _rows(source, split, data_dir, limit, order, seed, test_fraction, report):
+    """The rows ``limit`` draws, and how many were available."""
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: choose {' or '.join(ORDERS)}")
+    resolved = _resolve(source)
+    if isinstance(resolved, str):
+        if split is None:
+            raise ValueError("a Hub dataset is read one split at a time: pass split='train' "
+                             "or split='test'")
+        return _hub_rows(resolved, split, data_dir, limit, order, seed)
+    rows = _local_rows(resolved, split, data_dir, test_fraction, seed, report)
+    available = len(rows)
+    if limit is not None and limit < available:
+        if order == "shuffled":
+            import numpy as np
 
-    ``source``: ``"bundled"``, a ``.jsonl``/``.jsonl.gz`` file (``split`` is then ignored), a folder
-    holding ``{split}.jsonl(.gz)`` (or subset folders that do, as hh-rlhf is laid out), or a Hub
-    dataset id such as ``"Anthropic/hh-rlhf"`` (with ``data_dir`` naming a subset).
+            picked = np.random.default_rng(seed).permutation(available)[:limit]
+            rows = [rows[i] for i in picked]
+        else:
+            rows = rows[:limit]
+    return rows, available
+
+
+def load_preference_pairs(source, split: str | None = "train", limit: int | None = None,
+                          strict: bool = False, data_dir: str | None = None,
+                          order: str = "shuffled", seed: int = 0,
+                          test_fraction: float | None = None):
+    """Read ``limit`` rows of one split of ``source`` and split each into a preference pair.
+
+    ``source``: ``"bundled"``; a ``.jsonl``/``.jsonl.gz`` file; a folder holding
+    ``{split}.jsonl(.gz)`` (or subset folders that do, as hh-rlhf is laid out: all subsets are
+    read, or the one ``data_dir`` names); ``"hh-rlhf:<subset>/<split>.jsonl.gz"``, one real
+    hh-rlhf file (:func:`hh_rlhf_file`); or a Hub dataset id such as ``"Anthropic/hh-rlhf"``.
+
+    ``split``: ``"train"`` or ``"test"``. A source without that split of its own (a single file,
+    or a folder without test files) is split by a seeded hash of each row's prompt:
+    ``test_fraction`` of the prompts go to ``"test"``, the rest to ``"train"``, disjoint and the
+    same whatever ``limit`` is. Without ``test_fraction`` that is an error, never a silent reuse
+    of the same rows. ``split=None`` reads every row of a local source.
+
+    ``limit``: the number of rows to draw. ``order="shuffled"`` draws a seeded uniform sample over
+    all rows of the split, whatever subset they are in (the Hub: ``datasets``' own shuffle and
+    select); ``order="file"`` takes the first rows in file order.
 
     Returns ``(pairs, report)``: ``pairs`` a list of ``{"prompt", "chosen", "rejected"}`` dicts,
-    ``report`` a :class:`PairReport` mapping ``kept`` and each skip reason to its count, the counts
-    adding up to the rows read. With ``strict=True`` the first bad row raises :class:`PairError`.
+    ``report`` a :class:`PairReport` mapping ``kept`` and each skip reason to its count (adding up
+    to the rows read), with the kept pairs per subset. With ``strict=True`` the first bad row
+    raises :class:`PairError`.
     """
-    report = PairReport(str(source) + (f" [{data_dir}]" if data_dir else "") + f" ({split})")
+    report = PairReport(str(source) + (f" [{data_dir}]" if data_dir else "")
+                        + (f" ({split})" if split else ""))
+    rows, report.available = _rows(source, split, data_dir, limit, order, seed, test_fraction,
+                                   report)
     pairs = []
-    for number, row in enumerate(iter_rows(source, split, data_dir)):
-        if limit is not None and number >= limit:
-            break
+    for subset, number, row in rows:
         try:
             if isinstance(row, _InvalidLine):
                 raise PairError("invalid_json", row.error)
             pair = parse_hh_row(row)
         except PairError as error:
             if strict:
-                raise PairError(error.reason, f"row {number} of {report.source}") from error
+                raise PairError(error.reason, f"row {number} of {subset} in {report.source}") \
+                    from error
             report.add(error.reason, number, row)
             continue
         pairs.append(pair)
-        report.add("kept", number, row)
+        report.add("kept", number, row, subset)
     return pairs, report
 
 
-def default_hh_file() -> str:
-    """The real hh-rlhf sample beside the project when present, else ``"bundled"``."""
-    return str(SHARED_HH_FILE) if SHARED_HH_FILE.is_file() else "bundled"
+def load_split(cfg, split: str, limit: int | None = None):
+    """:func:`load_preference_pairs` with a config's ``data`` settings (source, subset, order,
+    seed, held-out fraction): what the trainer and the notebooks read. A config saved before
+    ``data.order`` existed read its rows in file order, and still does."""
+    data = cfg.data
+    return load_preference_pairs(data.source, split=split, limit=limit,
+                                 data_dir=data.get("data_dir"), order=data.get("order", "file"),
+                                 seed=data.get("seed", 0), test_fraction=data.get("test_fraction"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,8 +103,7 @@ def make_optimizer(cfg: Config, parameters):
 
 def load_examples(cfg: Config, tokenizer, split: str, limit: int):
     """Tokenized preference examples of one split, and the row accounting."""
-    pairs, report = data_lib.load_preference_pairs(cfg.data.source, split=split, limit=limit,
-                                                   data_dir=cfg.data.data_dir)
+    pairs, report = data_lib.load_split(cfg, split, limit)
     if not pairs:
         raise ValueError(f"no usable pairs in {cfg.data.source} ({split}): {dict(report)}")
     examples, _ = data_lib.tokenize_pairs(pairs, tokenizer, cfg.data.max_length,
@@ -136,10 +135,38 @@ def output_head(model) -> torch.nn.Linear:
     return head
 
 
+def final_norm(model) -> torch.nn.Module | None:
+    """The module whose output is the final hidden state (the decoder's last norm), looked up
+    through DDP and peft wrappers; None for an architecture that names it otherwise."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    for name in ("norm", "final_layer_norm", "ln_f", "final_layernorm"):
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
 def final_hidden(model, **inputs) -> torch.Tensor:
     """``[B, L, H]`` final hidden states (after the last norm), through the model's own forward
-    (so that DDP and peft wrappers see the call) with logits for one position only."""
-    return model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    (so that DDP and peft wrappers see the call) with logits for one position only.
+
+    The states are taken from the final norm's output by a forward hook: asking the model for
+    ``output_hidden_states`` instead would keep every layer's ``[B, L, H]`` states alive until the
+    call returns, memory that a no-grad pass (the reference and evaluation passes) never needs.
+    """
+    norm = final_norm(model)
+    if norm is None:
+        return model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    captured = []
+    handle = norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def concatenated_logps(model, batch: dict[str, torch.Tensor], chunked_head: bool = False):

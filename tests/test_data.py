@@ -74,7 +74,7 @@ def test_rightmost_split_would_have_been_wrong_for_diverging_pair():
 # ---- load_preference_pairs: accounting and sources ------------------------------------------
 
 def test_trap_fixture_accounting_adds_up():
-    pairs, report = load_preference_pairs(str(TRAPS))
+    pairs, report = load_preference_pairs(str(TRAPS), split=None)
     expected = {}
     for outcome in EXPECTED_TRAPS:
         expected[outcome] = expected.get(outcome, 0) + 1
@@ -90,13 +90,13 @@ def test_trap_fixture_accounting_adds_up():
 
 def test_strict_mode_raises_on_first_bad_row():
     with pytest.raises(PairError) as info:
-        load_preference_pairs(str(TRAPS), strict=True)
+        load_preference_pairs(str(TRAPS), split=None, strict=True)
     assert info.value.reason == "diverges_before_last_turn" and "row 2" in str(info.value)
 
 
 def test_limit_counts_rows_read():
-    pairs, report = load_preference_pairs(str(TRAPS), limit=5)
-    assert report.rows_read == 5 and len(pairs) == 2
+    pairs, report = load_preference_pairs(str(TRAPS), split=None, limit=5, order="file")
+    assert report.rows_read == 5 and len(pairs) == 2 and report.available == len(EXPECTED_TRAPS)
 
 
 def test_gzip_file_and_hh_folder_layout(tmp_path):
@@ -144,9 +144,21 @@ def test_hub_source_in_offline_mode_without_cache(monkeypatch, tmp_path):
         load_preference_pairs("Anthropic/hh-rlhf", split="test")
 
 
-@pytest.mark.skipif(not data.SHARED_HH_FILE.is_file(), reason="../shared hh-rlhf file absent")
+def _real_hh_file():
+    try:
+        return data.hh_rlhf_file(download=False)
+    except FileNotFoundError:
+        return None
+
+
+REAL_HH = _real_hh_file()
+needs_real_hh = pytest.mark.skipif(REAL_HH is None, reason=f"${data.HH_RLHF_DIR_VAR} not set "
+                                   "(CI sets it to ../shared/data/hh-rlhf)")
+
+
+@needs_real_hh
 def test_real_hh_rlhf_file():
-    pairs, report = load_preference_pairs(str(data.SHARED_HH_FILE))
+    pairs, report = load_preference_pairs(str(REAL_HH), split=None)
     assert report.rows_read == 2312 == sum(report.values())
     assert report["kept"] > 2200
     assert report.get("diverges_before_last_turn", 0) > 0 and report.get("empty_response", 0) > 0
@@ -155,6 +167,197 @@ def test_real_hh_rlhf_file():
         for side in ("chosen", "rejected"):
             assert HUMAN not in pair[side] and pair[side].strip()
         assert pair["chosen"] != pair["rejected"]
+
+
+@needs_real_hh
+def test_real_file_held_out_slice_is_disjoint_and_stable():
+    """The issue's measurement: 99 of the first 99 'test' pairs were among the 'train' pairs."""
+    kwargs = dict(test_fraction=0.15, seed=0)
+    test, test_report = load_preference_pairs(str(REAL_HH), "test", limit=300, **kwargs)
+    train, _ = load_preference_pairs(str(REAL_HH), "train", **kwargs)
+    assert len(test) >= 280 and test_report.available > 300
+    assert not {p["prompt"] for p in test} & {p["prompt"] for p in train}
+    assert len(train) + test_report.available > 2200
+    smaller, _ = load_preference_pairs(str(REAL_HH), "train", limit=320, **kwargs)
+    again, _ = load_preference_pairs(str(REAL_HH), "test", limit=300, **kwargs)
+    assert again == test and not {p["prompt"] for p in smaller} & {p["prompt"] for p in test}
+
+
+# ---- sources, splits and sampling -----------------------------------------------------------
+
+def _row(i: int, subset: str = "s") -> dict:
+    prompt = f"{HUMAN} Question {i} from {subset}?{ASSISTANT}"
+    return {"chosen": f"{prompt} Answer {i}.", "rejected": f"{prompt} No."}
+
+
+def _write(path: Path, rows, bom: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = ("\ufeff" if bom else "") + "".join(json.dumps(r) + "\n" for r in rows)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _prompts(pairs) -> set:
+    return {p["prompt"] for p in pairs}
+
+
+def test_byte_order_mark_does_not_lose_the_first_row(tmp_path):
+    for name in ("bom.jsonl", "bom.jsonl.gz"):
+        file = _write(tmp_path / name, [_row(i) for i in range(3)], bom=True)
+        pairs, report = load_preference_pairs(str(file), split=None)
+        assert dict(report) == {"kept": 3}, name
+        assert pairs[0]["prompt"] == _row(0)["chosen"][:len(pairs[0]["prompt"])]
+
+
+def test_single_file_needs_a_held_out_fraction_never_reuses_rows(tmp_path):
+    file = _write(tmp_path / "pairs.jsonl", [_row(i) for i in range(200)])
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match="test_fraction"):
+            load_preference_pairs(str(file), split)
+
+
+def test_single_file_held_out_slice_is_disjoint_seeded_and_stable(tmp_path):
+    rows = [_row(i) for i in range(400)] + [_row(7)]          # a duplicate row stays on one side
+    file = _write(tmp_path / "pairs.jsonl.gz", rows)
+    test, test_report = load_preference_pairs(str(file), "test", test_fraction=0.2)
+    train, train_report = load_preference_pairs(str(file), "train", test_fraction=0.2)
+    assert not _prompts(test) & _prompts(train)
+    assert len(test) + len(train) == len(rows)
+    assert 50 < len(test) < 110                                   # about 20% of 401
+    assert test_report.held_out == len(train) and train_report.held_out == len(test)
+    # stable when the training limit changes, different for another seed
+    for limit in (10, 100, None):
+        part, _ = load_preference_pairs(str(file), "train", limit=limit, test_fraction=0.2)
+        assert not _prompts(part) & _prompts(test)
+    assert load_preference_pairs(str(file), "test", test_fraction=0.2)[0] == test
+    other, _ = load_preference_pairs(str(file), "test", test_fraction=0.2, seed=1)
+    assert _prompts(other) != _prompts(test)
+
+
+def _hh_folder(root: Path, sizes: dict, splits=("train", "test")) -> Path:
+    for subset, size in sizes.items():
+        for split in splits:
+            _write(root / subset / f"{split}.jsonl.gz",
+                   [_row(i, f"{subset}-{split}") for i in range(size)])
+    return root
+
+
+def test_limit_samples_across_every_subset_and_reports_them(tmp_path):
+    root = _hh_folder(tmp_path, {"harmless-base": 100, "helpful-base": 100, "helpful-online": 100})
+    pairs, report = load_preference_pairs(str(root), "train", limit=60, seed=3)
+    assert len(pairs) == 60 and report.available == 300
+    assert set(report.subsets) == {"harmless-base", "helpful-base", "helpful-online"}
+    assert sum(report.subsets.values()) == 60 and min(report.subsets.values()) >= 8
+    assert "kept pairs by subset" in str(report)
+    again, _ = load_preference_pairs(str(root), "train", limit=60, seed=3)
+    other, _ = load_preference_pairs(str(root), "train", limit=60, seed=4)
+    assert again == pairs and other != pairs
+    first, first_report = load_preference_pairs(str(root), "train", limit=60, order="file")
+    assert first_report.subsets == {"harmless-base": 60}          # file order: the first subset
+    with pytest.raises(ValueError, match="order"):
+        load_preference_pairs(str(root), "train", limit=60, order="random")
+
+
+@pytest.mark.parametrize("kind", ["bundled", "file", "split-files", "hh-layout", "train-only",
+                                  "hub"])
+def test_train_and_test_are_disjoint_on_every_kind_of_source(kind, tmp_path, monkeypatch):
+    kwargs = {"test_fraction": 0.25}
+    if kind == "bundled":
+        source = "bundled"
+    elif kind == "file":
+        source = str(_write(tmp_path / "all.jsonl", [_row(i) for i in range(120)]))
+    elif kind == "split-files":
+        _write(tmp_path / "train.jsonl", [_row(i, "train") for i in range(80)])
+        _write(tmp_path / "test.jsonl", [_row(i, "test") for i in range(40)])
+        source = str(tmp_path)
+    elif kind == "hh-layout":
+        source = str(_hh_folder(tmp_path, {"a": 50, "b": 50}))
+    elif kind == "train-only":
+        source = str(_hh_folder(tmp_path, {"a": 60, "b": 60}, splits=("train",)))
+    else:
+        source = "Anthropic/hh-rlhf"
+        _fake_hub(monkeypatch, {subset: 40 for subset in data.HH_SUBSETS})
+    train, _ = load_preference_pairs(source, "train", **kwargs)
+    test, _ = load_preference_pairs(source, "test", **kwargs)
+    assert train and test and not _prompts(train) & _prompts(test), kind
+    if kind == "train-only":
+        with pytest.raises(ValueError, match="test_fraction"):
+            load_preference_pairs(source, "test")
+
+
+def _fake_hub(monkeypatch, sizes: dict):
+    """The Hub's hh-rlhf without a network: each subset a small ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    calls = []
+
+    def load_subset(repo_id, subset, split):
+        calls.append((repo_id, subset, split))
+        return Dataset.from_list([_row(i, f"{subset}-{split}") for i in range(sizes[subset])])
+
+    monkeypatch.setattr(data, "check_hub_reachable", lambda what, timeout=5.0: None)
+    monkeypatch.setattr(data, "_load_hub_subset", load_subset)
+    return calls
+
+
+def test_gpu_profile_samples_its_pairs_from_every_hub_subset(monkeypatch):
+    from dpo_lib.config import load_config
+
+    cfg = load_config("gpu", overrides={"data.train_limit": 200, "data.test_limit": 40})
+    calls = _fake_hub(monkeypatch, {subset: 500 for subset in data.HH_SUBSETS})
+    pairs, report = data.load_split(cfg, "train", cfg.data.train_limit)
+    assert len(pairs) == 200 and report.available == 2000
+    assert set(report.subsets) == set(data.HH_SUBSETS) and min(report.subsets.values()) > 20
+    assert {subset for _, subset, _ in calls} == set(data.HH_SUBSETS)
+    assert data.load_split(cfg, "train", 200)[0] == pairs                # reproducible
+    test, test_report = data.load_split(cfg, "test", cfg.data.test_limit)
+    assert len(test_report.subsets) == 4 and not _prompts(test) & _prompts(pairs)
+    one, one_report = load_preference_pairs("Anthropic/hh-rlhf", "train", limit=50,
+                                            data_dir="helpful-base")
+    assert one_report.subsets == {"helpful-base": 50}
+
+
+def test_real_data_setting_and_its_fallbacks(tmp_path, monkeypatch):
+    """$DPO_HH_RLHF_DIR first; else a download through huggingface_hub (tested up to the
+    network call); offline, the bundled set, and the notebook is told so."""
+    import huggingface_hub
+
+    _write(tmp_path / "harmless-base-test.jsonl.gz", [_row(i) for i in range(5)])
+    monkeypatch.setenv(data.HH_RLHF_DIR_VAR, str(tmp_path))
+    assert data.hh_rlhf_file() == tmp_path / "harmless-base-test.jsonl.gz"
+    source, how = data.real_hh_source()
+    assert source == str(tmp_path / "harmless-base-test.jsonl.gz") and "DPO_HH_RLHF_DIR" in how
+    pairs, _ = load_preference_pairs("hh-rlhf:harmless-base/test.jsonl.gz", split=None)
+    assert len(pairs) == 5
+
+    monkeypatch.delenv(data.HH_RLHF_DIR_VAR)
+    downloaded = _write(tmp_path / "cache" / "test.jsonl.gz", [_row(1)])
+    asked = []
+
+    def fake_download(repo_id, filename, repo_type=None, **kwargs):
+        asked.append((repo_id, filename, repo_type))
+        return str(downloaded)
+
+    monkeypatch.setattr(data, "check_hub_reachable", lambda what, timeout=5.0: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert data.real_hh_source()[0] == str(downloaded)
+    assert asked == [("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz", "dataset")]
+
+    monkeypatch.undo()
+    monkeypatch.delenv(data.HH_RLHF_DIR_VAR, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    source, how = data.real_hh_source()
+    assert source == "bundled" and "falling back to the bundled" in how
 
 
 # ---- tokenization --------------------------------------------------------------------------
