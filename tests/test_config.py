@@ -80,13 +80,22 @@ def test_unique_leaf_names_need_no_section():
 
 
 def test_every_recipe_file_loads():
-    from dpo_lib.config import CONFIG_DIR
+    from dpo_lib.config import CONFIG_DIR, available_profiles
 
-    recipes = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem not in PROFILES)
+    recipes = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem not in available_profiles())
     assert len(recipes) >= 6
     for recipe in recipes:
         cfg = load_config(str(recipe))
-        assert cfg.profile in PROFILES and cfg.train.stage in ("sft", "preference")
+        assert cfg.profile in available_profiles() and cfg.train.stage in ("sft", "preference")
         if cfg.train.stage == "preference":
             assert cfg.train.init_adapter == f"runs/{cfg.profile}-sft"
             assert recipe.stem.endswith(cfg.train.loss_type)
+
+
+def test_the_real_data_profile_holds_out_a_slice_of_its_one_file():
+    cfg = load_config("cpu-hh")
+    assert cfg.data.source.startswith("hh-rlhf:") and cfg.data.order == "shuffled"
+    assert 0 < cfg.data.test_fraction < 0.5
+    for stage in ("sft", "dpo", "ipo"):
+        recipe = load_config(f"configs/cpu-hh-{stage}.yaml")
+        assert recipe.profile == "cpu-hh" and recipe.data.to_dict() == cfg.data.to_dict()
