@@ -40,9 +40,15 @@ def sign_test(a_right: torch.Tensor, b_right: torch.Tensor) -> tuple[int, int, f
     p-value of that split (``[N]`` booleans in; ties, where both or neither are right, say
     nothing about which model is better and are left out)."""
     wins, losses = int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
+    return wins, losses, sign_test_p(wins, losses)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided p-value of ``wins`` against ``losses`` when each is a fair coin flip: the chance
+    of a split at least as uneven. Also the test of an accuracy against chance (0.5): ``wins``
+    pairs ranked right, ``losses`` ranked wrong."""
     n, k = wins + losses, min(wins, losses)
-    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return wins, losses, p
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
 def ranked(tables: dict, model: str, reference: str | None = None,

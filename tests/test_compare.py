@@ -21,6 +21,7 @@ def test_sign_test_by_hand():
     assert compare.sign_test(a, b)[2] == pytest.approx(
         2 * sum(comb(33, i) for i in range(9)) / 2 ** 33)
     assert compare.sign_test(a, a) == (0, 0, 1.0)
+    assert compare.sign_test_p(3, 0) == 2 / 8 and compare.sign_test_p(5, 5) == 1.0
 
 
 def test_accuracies_and_sign_tests_from_tables():
