@@ -23,17 +23,19 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed  ## a local virtual environment with everything installed
 
-tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies in $(OUT)
+tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies in $(OUT) (no progress bars: DPO_PROGRESS=0)
 	mkdir -p $(OUT)
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb ($(PROFILE))"; start=$$(date +%s); \
-	  DPO_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
+	  DPO_PROFILE=$(PROFILE) DPO_PROGRESS=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute \
 	    --ExecutePreprocessor.timeout=3600 --output-dir $(OUT) $$nb || exit 1; \
 	  echo "== $$nb done in $$(( $$(date +%s) - start )) s"; \
 	done
 
-# Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/.
-TEST_ENV   := DPO_PROFILE=tiny DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
+# Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/
+# (conftest.py picks a temporary folder when DPO_FIGURES_DIR is unset, and fails the session if
+# figures/ or notebooks/ change). DPO_PROGRESS=0: no progress bars (dpo_lib.progress).
+TEST_ENV   := DPO_PROFILE=tiny DPO_PROGRESS=0 DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
 
 test: setup  ## unit tests, then nbval over every notebook in the tiny profile
 	$(TEST_ENV) $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
@@ -47,7 +49,7 @@ test-notebooks: setup
 # GPU CI: the CUDA-marked unit tests, then nbval over every notebook in the gpu-smoke profile.
 # Where torch with CUDA is already installed (a conda env, the lent GPU machine), name its Python:
 # `make test-gpu PY=python3` then skips the .venv set-up.
-GPU_ENV    := DPO_PROFILE=gpu-smoke DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
+GPU_ENV    := DPO_PROFILE=gpu-smoke DPO_PROGRESS=0 DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
 NEEDS_CUDA := import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
   f"make test-gpu needs a CUDA GPU, and torch {torch.__version__} sees none; `make test` is the CPU suite")
 

@@ -27,10 +27,10 @@ PROFILES = ("tiny", "cpu", "gpu", "gpu-smoke")
 ENV_VAR = "DPO_PROFILE"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-# Notebooks save figures/NN_<name>.png here; `make test` points it elsewhere so that executing
-# the notebooks in the tiny profile leaves the committed (cpu profile) figures alone.
+# Notebooks save figures/NN_<name>.png here; under pytest the root conftest.py points it to a
+# temporary folder, so that tests never touch the committed (cpu profile) figures. Importing this
+# module creates no folder: whoever saves a figure creates its folder.
 FIGURES_DIR = Path(os.environ.get("DPO_FIGURES_DIR", REPO_ROOT / "figures")).resolve()
-FIGURES_DIR.mkdir(parents=True, exist_ok=True)
 RUNS_DIR = REPO_ROOT / "runs"        # run outputs (ignored by git)
 
 

@@ -17,7 +17,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     Prompts are left-padded in batches of ``batch_size``; an answer ends at EOS or at a new
     ``"\\n\\nHuman:"`` turn, which is cut off. Returns one string per prompt.
     """
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     device = next(model.parameters()).device
     was_training, side = model.training, tokenizer.padding_side

@@ -204,7 +204,7 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
     """
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .export import run_config
     from .train import average_logps

@@ -22,6 +22,7 @@ import torch
 from .config import Config, require_device
 from .bundled import TINY_TOKENIZER_DIR
 from .data import HubUnavailableError, check_hub_reachable
+from .progress import quiet_transformers
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,6 +89,8 @@ def smollm2_checkpoint(progress: bool = True) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
 
     gguf = smollm2_gguf_path()
     if progress:
@@ -222,6 +225,7 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     require_device(cfg, "its model")
     name = cfg.model.name
     trust_remote_code = trust_remote_code or bool(cfg.model.get("trust_remote_code", False))

@@ -264,7 +264,7 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
     if cache_file is not None and Path(cache_file).is_file():
         return torch.load(cache_file)
     from contextlib import nullcontext
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .models import reference_mode
 
@@ -552,7 +552,7 @@ def _load_trainable_adapter(base, cfg: Config, adapter: Path):
 
 def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunResult:
     """Run the stage ``cfg.train.stage`` (``sft`` or ``preference``) and return its metrics."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
     from transformers import get_scheduler
 
     stage = cfg.train.stage

@@ -99,3 +99,22 @@ def test_the_real_data_profile_holds_out_a_slice_of_its_one_file():
     for stage in ("sft", "dpo", "ipo"):
         recipe = load_config(f"configs/cpu-hh-{stage}.yaml")
         assert recipe.profile == "cpu-hh" and recipe.data.to_dict() == cfg.data.to_dict()
+def test_figures_never_go_to_the_committed_folder_under_pytest():
+    """The root conftest.py points DPO_FIGURES_DIR away from figures/ and notebooks/."""
+    from dpo_lib.config import FIGURES_DIR, REPO_ROOT
+
+    for committed in (REPO_ROOT / "figures", REPO_ROOT / "notebooks"):
+        assert FIGURES_DIR != committed and committed not in FIGURES_DIR.parents, FIGURES_DIR
+
+
+def test_importing_the_config_creates_no_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "not" / "yet"
+    env = {**os.environ, "DPO_FIGURES_DIR": str(target)}
+    code = "import dpo_lib.config as c; print(c.FIGURES_DIR)"
+    printed = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    assert printed == str(target.resolve()) and not target.exists()

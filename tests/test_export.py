@@ -370,10 +370,10 @@ def test_app_answers_over_http(app_url):
     assert isinstance(answer, str) and answer.strip()
 
 
-def test_app_in_a_headless_browser(app_url):
+def test_app_in_a_headless_browser(app_url, tmp_path):
     """Debian's chromium types a question into the app and waits for the streamed answer; the
-    screenshot goes to the figures folder (``figures/08_chat_app.png`` comes from this test run
-    with ``DPO_APP_MODEL`` set to the cpu profile's Q4_K_M file and ``DPO_FIGURES_DIR=figures``)."""
+    screenshot goes to a temporary folder (a test never writes into ``figures/``: the committed
+    ``figures/08_chat_app.png`` is made outside the test suite, with the cpu profile's Q4_K_M file)."""
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
@@ -383,8 +383,6 @@ def test_app_in_a_headless_browser(app_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from dpo_lib.config import FIGURES_DIR
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -407,7 +405,7 @@ def test_app_in_a_headless_browser(app_url):
         import time
 
         time.sleep(2)                       # let the stream finish before the picture
-        shot = FIGURES_DIR / "08_chat_app.png"
+        shot = tmp_path / "08_chat_app.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
     finally:
