@@ -505,7 +505,7 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer, max_length: int, max_prompt
                          f"({max_length}): the responses need room after the prompt")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end responses with")
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     report = TokenizationReport(pairs=len(pairs), prompt_truncated=0, response_truncated=0)
     examples = []

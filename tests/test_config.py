@@ -99,6 +99,8 @@ def test_the_real_data_profile_holds_out_a_slice_of_its_one_file():
     for stage in ("sft", "dpo", "ipo"):
         recipe = load_config(f"configs/cpu-hh-{stage}.yaml")
         assert recipe.profile == "cpu-hh" and recipe.data.to_dict() == cfg.data.to_dict()
+
+
 def test_figures_never_go_to_the_committed_folder_under_pytest():
     """The root conftest.py points DPO_FIGURES_DIR away from figures/ and notebooks/."""
     from dpo_lib.config import FIGURES_DIR, REPO_ROOT
