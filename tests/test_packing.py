@@ -151,7 +151,8 @@ def test_chunked_head_on_the_plain_layout_and_in_nf4():
 
 
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3"])
-def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_path):
+def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_path,
+                                                         monkeypatch):
     """flash_attention_2 takes no 4-D mask: the packed answers would see each other. Refused in
     the forward and, before any pass, when a run asks for shared_prompt."""
     cfg = load_config("tiny")
@@ -164,4 +165,7 @@ def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_pat
     batch = packing.collate_shared_prompt(examples, 0)
     with pytest.raises(ValueError, match=f"shared_prompt.*'{implementation}'.*shared_prompt=false"):
         trainer.pair_logps(model, batch)
-    trainer.pair_logps(model, collate_preference(examples, 0))      # the plain layout still runs
+    cfg = cfg.with_overrides({"train.shared_prompt": True, "train.output_dir": str(tmp_path)})
+    monkeypatch.setattr(trainer, "prepare_model", lambda cfg, progress: (model, tokenizer, None))
+    with pytest.raises(ValueError, match=f"'{implementation}'"):       # before any pass
+        trainer.train(cfg, progress=False)
