@@ -221,6 +221,10 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     (default ``cfg.model.init_seed``, 0: the run's own ``seed`` changes data order, not the base
     model) and, when quantized, saved once to a temporary folder so that
     bitsandbytes quantizes them on load exactly as it would a downloaded checkpoint.
+
+    On GPUs each process loads onto its own device (:func:`process_device_map`). A model that
+    ships its own code (internlm2) loads only with ``cfg.model.trust_remote_code`` (or
+    ``trust_remote_code``) true; otherwise a ValueError names the key.
     """
     from transformers import AutoModelForCausalLM
 
