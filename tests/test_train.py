@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -234,19 +235,24 @@ def test_preference_runs_can_have_their_own_learning_rate(tmp_path):
 CHECKS = str(REPO_ROOT / "tests" / "distributed_checks.py")
 
 
-def torchrun(args, tmp_path, processes=2, timeout=300):
+def torchrun(args, tmp_path, processes=2, timeout=600):
     """``tests/distributed_checks.py`` in ``processes`` processes (gloo on CPU); a deadlock
     fails the test at ``timeout`` seconds instead of hanging it."""
     command = [shutil.which("torchrun", path=os.path.dirname(sys.executable)),
                "--nproc_per_node", str(processes), CHECKS, *args]
     environment = {**os.environ, "DPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": str(REPO_ROOT)}
+    # its own process group, so that a timeout ends torchrun's workers too (a deadlock leaves
+    # them waiting in a collective otherwise)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"torchrun did not finish in {timeout} s (deadlock?): "
-                    f"{(expired.stderr or b'')[-2000:]}")
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (deadlock?): {stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_each_process_loads_its_model_onto_its_own_device(tmp_path):
@@ -268,7 +274,7 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
     done = torchrun(["train", str(tmp_path / "out"), "--nan-rank", "1", "--nan-call", "3",
                      "stage=sft", "sft_steps=6", "save_every=2", "eval_every=0",
                      "train_limit=48", "test_limit=16", f"output_dir={run}"], tmp_path,
-                    timeout=240)
+                    timeout=600)
     assert done.returncode != 0
     errors = [(tmp_path / "out" / f"rank{rank}.error") for rank in (0, 1)]
     assert all(e.is_file() for e in errors), done.stderr[-3000:]
