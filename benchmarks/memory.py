@@ -51,10 +51,20 @@ CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESH
 
 
 def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes. Without /proc (macOS, Windows) both are the
+    process's peak so far (dpo_lib.memory.peak_rss_mb), which cannot be reset: the measured step
+    is then an upper bound."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        from dpo_lib.memory import peak_rss_mb
+
+        peak = peak_rss_mb()
+        if peak is not None:
+            return int(peak * 2**20)
+    raise RuntimeError(f"{field}: this system reports no resident memory")
 
 
 def _release_and_reset_peak() -> int:
@@ -63,7 +73,10 @@ def _release_and_reset_peak() -> int:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        pass  # no /proc: the peak so far stays (see _rss)
     return _rss("VmRSS")
 
 

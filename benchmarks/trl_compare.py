@@ -54,10 +54,10 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    from dpo_lib.memory import peak_rss_mb
+
+    peak = peak_rss_mb()
+    return float("nan") if peak is None else peak
 
 
 def make_config(args, stage: str, shared: bool = False, output_dir: str | None = None,
@@ -411,7 +411,9 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU, {len(os.sched_getaffinity(0))} cores"
+    from dpo_lib.export import cpu_threads
+
+    return f"CPU, {cpu_threads()} cores"
 
 
 def print_table(results, args) -> None:

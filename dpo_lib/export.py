@@ -62,8 +62,11 @@ CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 
 def cpu_threads() -> int:
-    """The cores this process may use (llama.cpp's default is half the machine's)."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may use (llama.cpp's default is half the machine's): its CPU
+    affinity where the system has one (Linux), else every core (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class ExportError(RuntimeError):
@@ -201,6 +204,15 @@ def _assert_standard_4bit_layout(model) -> None:
                               f"merge into a freshly loaded model (merge_adapter loads its own)")
 
 
+def on_this_machine(cfg: Config) -> Config:
+    """A run's config for loading its base model here: a GPU run (``requires_cuda: true``) loads
+    on a CPU-only machine too, since dequantizing its NF4 weights there gives bit-identical values
+    (bitsandbytes' CPU and CUDA kernels use the same code book and absmax scales)."""
+    if cfg.get("requires_cuda"):
+        return cfg.with_overrides({"requires_cuda": False})
+    return cfg
+
+
 def base_weights(cfg: Config, target: str = "quantized"):
     """The full-precision base model to merge an adapter into, on the CPU in float32.
 
@@ -210,7 +222,7 @@ def base_weights(cfg: Config, target: str = "quantized"):
     """
     if target not in ("quantized", "original"):
         raise ValueError(f"merge target {target!r}: 'quantized' or 'original'")
-    model = load_model(cfg, quantization=None if target == "quantized" else "fp32")
+    model = load_model(on_this_machine(cfg), quantization=None if target == "quantized" else "fp32")
     if is_quantized(model):
         _assert_standard_4bit_layout(model)
         model = model.dequantize()

@@ -15,6 +15,7 @@ On the same token ids (the tokenizer's, fed to llama.cpp directly):
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .export import cpu_threads
+from .memory import peak_rss_mb
 
 
 def open_gguf(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
@@ -128,13 +130,13 @@ def preference_accuracies(policy: tuple[np.ndarray, np.ndarray],
     return out
 
 
+# The serving process measures its own peak memory with dpo_lib.memory.peak_rss_mb (its source
+# travels in the script: importing dpo_lib there would load torch into the measured process).
 _RUNTIME_SCRIPT = """
 import json, sys, time
 import llama_cpp
-def high_water_mb():  # this process's own peak (ru_maxrss would include the parent's at fork)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+""" + inspect.getsource(peak_rss_mb) + """
+high_water_mb = peak_rss_mb
 path, n_new, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 baseline = high_water_mb()
 start = time.perf_counter()

@@ -185,3 +185,36 @@ def fits(budget_gb: float, model="pythia-2.8b", **kwargs) -> tuple[bool, float, 
     estimate = estimate_memory(model, **kwargs)
     needed = (estimate.total * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES) / GB
     return needed <= budget_gb, needed, estimate
+
+
+def peak_rss_mb(status_file: str = "/proc/self/status") -> float | None:
+    """This process's peak resident memory in MiB, or None where the system does not say.
+
+    Linux: ``VmHWM`` from ``/proc/self/status`` (this process's own peak; ``ru_maxrss`` of a
+    forked child would include its parent's). Elsewhere: ``resource.getrusage``'s ``ru_maxrss``
+    (bytes on macOS, KiB on other Unix systems), then psutil's peak working set (Windows, when
+    psutil is installed). Self-contained (its imports inside), so that a subprocess script can
+    carry its source.
+    """
+    import sys
+
+    try:
+        with open(status_file) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+    return None if peak is None else peak / 2**20

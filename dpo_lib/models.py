@@ -138,7 +138,9 @@ def load_tokenizer(cfg_or_name, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     else:
         _check_model_source(name)
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        _check_remote_code(name, trust_remote_code)
+        with _remote_code_hint(name):
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -222,6 +224,10 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     (default ``cfg.model.init_seed``, 0: the run's own ``seed`` changes data order, not the base
     model) and, when quantized, saved once to a temporary folder so that
     bitsandbytes quantizes them on load exactly as it would a downloaded checkpoint.
+
+    On GPUs each process loads onto its own device (:func:`process_device_map`). A model that
+    ships its own code (internlm2) loads only with ``cfg.model.trust_remote_code`` (or
+    ``trust_remote_code``) true; otherwise a ValueError names the key.
     """
     from transformers import AutoModelForCausalLM
 
@@ -234,7 +240,7 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(quantization, dtype)
     bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype,
                               cfg.model.get("quant_storage"))
-    device_map = {"": 0} if torch.cuda.is_available() else None
+    device_map = process_device_map()
     if name == "tiny-gpt-neox" or name.startswith("random:"):
         arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
         torch.manual_seed(cfg.model.get("init_seed", 0) if seed is None else seed)
@@ -243,17 +249,67 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
             return model
         import tempfile
 
+        from safetensors.torch import save_model
+
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
+            # not save_pretrained: under torch.distributed it writes on rank 0 only, and every
+            # process needs its own copy here
+            model.config.save_pretrained(folder)
+            save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
             del model
             return _standard_layout(AutoModelForCausalLM.from_pretrained(
                 folder, quantization_config=bnb, dtype=weight_dtype, device_map=device_map))
     source = str(smollm2_checkpoint()) if name == SMOLLM2 else name
     if name != SMOLLM2:
         _check_model_source(name)
-    return _standard_layout(AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=bnb, dtype=weight_dtype, device_map=device_map,
-        trust_remote_code=trust_remote_code))
+        _check_remote_code(name, trust_remote_code)
+    with _remote_code_hint(name):
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=bnb, dtype=weight_dtype, device_map=device_map,
+            trust_remote_code=trust_remote_code)
+    return _standard_layout(model)
+
+
+def process_device_map() -> dict | None:
+    """``{"": <this process's GPU index>}`` under CUDA, None on CPU.
+
+    Each process of ``accelerate launch`` / ``torchrun`` puts its copy of the model on its own GPU
+    (accelerate's ``local_process_index``, i.e. ``LOCAL_RANK``), the device its batches go to.
+    """
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def _check_remote_code(name: str, trust_remote_code: bool) -> None:
+    """Refuse a local model folder whose ``config.json`` names its own modelling code
+    (``auto_map``) unless the config trusts it, with the key to set."""
+    config = Path(name).expanduser() / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    import json
+
+    if json.loads(config.read_text()).get("auto_map"):
+        raise ValueError(remote_code_message(name))
+
+
+@contextmanager
+def _remote_code_hint(name: str):
+    """transformers' refusal of a Hub model's own code, re-raised naming the config key."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(remote_code_message(name)) from error
+        raise
+
+
+def remote_code_message(name: str) -> str:
+    return (f"the model {name} ships its own modelling code (auto_map in its config.json), "
+            f"which runs as Python on this machine. Read it, then set model.trust_remote_code="
+            f"true in the recipe (as configs/gpu-internlm2-ipo.yaml does) to load it.")
 
 
 def _standard_layout(model):
@@ -338,7 +394,8 @@ def add_lora(model, cfg: Config | None = None, r: int | None = None, alpha: int 
 
     ``r``, ``alpha``, ``dropout`` and ``gradient_checkpointing`` default to ``cfg.model``'s
     ``lora_r``, ``lora_alpha``, ``lora_dropout`` and ``gradient_checkpointing`` (8, 16, 0.0,
-    False without a cfg). A 4/8-bit model first goes through peft's
+    False without a cfg). ``cfg.model.lora_target_modules``: module names to adapt (e.g.
+    internlm2's fused ``wqkv``, ``wo``, ``w1``, ``w2``, ``w3``); null means every linear layer. A 4/8-bit model first goes through peft's
     ``prepare_model_for_kbit_training`` (every base weight frozen; norms, embeddings and head cast
     to fp32), and its 4-bit layers keep their trainable layout (see
     :func:`keep_trainable_4bit_layout`). The adapter's ``B`` starts at zero, so the wrapped model computes exactly what the
@@ -363,7 +420,9 @@ def add_lora(model, cfg: Config | None = None, r: int | None = None, alpha: int 
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     set_gradient_checkpointing(model, gradient_checkpointing)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+    targets = settings.get("lora_target_modules") or "all-linear"
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 

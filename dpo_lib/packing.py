@@ -96,6 +96,24 @@ def attention_mask_4d(segment_ids: torch.Tensor, dtype: torch.dtype,
         ~allowed, torch.finfo(dtype).min)
 
 
+#: Attention implementations that apply a custom ``[B, 1, T, T]`` mask. Others (flash_attention_2
+#: and 3, and kernels taking only a padding mask) would silently attend across the two answers.
+MASK_AWARE_ATTENTION = ("eager", "sdpa")
+
+
+def attention_implementation(model) -> str:
+    """The model's attention implementation, or ValueError where it cannot take the packed mask."""
+    inner = getattr(model, "module", model)
+    implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation not in MASK_AWARE_ATTENTION:
+        raise ValueError(
+            f"train.shared_prompt needs an attention implementation that applies a 4-D mask "
+            f"({' or '.join(MASK_AWARE_ATTENTION)}); this model uses {implementation!r}, which "
+            f"ignores it and would let the chosen answer see the rejected one. Set "
+            f"shared_prompt=false, or load the model with attn_implementation='sdpa'.")
+    return implementation
+
+
 def shared_prompt_logps(model, batch: dict[str, torch.Tensor], chunked_head: bool = False):
     """Summed answer log-probs from one packed forward pass per pair.
 
@@ -105,8 +123,7 @@ def shared_prompt_logps(model, batch: dict[str, torch.Tensor], chunked_head: boo
     """
     from .train import final_hidden, output_head
 
-    inner = getattr(model, "module", model)
-    implementation = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
+    implementation = attention_implementation(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = attention_mask_4d(batch["segment_ids"], dtype, boolean=implementation != "eager")
     inputs = dict(input_ids=batch["input_ids"], attention_mask=mask,

@@ -8,7 +8,8 @@ The same code runs in a notebook (:func:`train`), from the command line::
 
 A run writes everything into its ``output_dir``: ``config.yaml`` (what produced it),
 ``metrics.jsonl`` (one JSON object per optimizer step and per evaluation), ``checkpoint-<step>/``
-(adapter, optimizer, scheduler, RNG and data position) and ``adapter/`` (the final adapter).
+(the adapter, and through accelerate's ``save_state`` the optimizer, scheduler, fp16 GradScaler
+and every process's RNG; the config and the data position) and ``adapter/`` (the final adapter).
 
 Preference runs compute the reference log-probs once, in a no-grad pass, and cache them on disk
 under a key of (reference model, data, tokenization); during training only the policy runs.
@@ -62,15 +63,22 @@ def average_logps(cfg: Config) -> bool:
     return default_average(cfg.train.loss_type) if setting is None else bool(setting)
 
 
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-
-    require_device(cfg, "training")
+def mixed_precision(cfg: Config) -> str:
+    """``train.mixed_precision`` resolved for this machine: ``auto`` is bf16 on GPUs that support
+    it, fp16 on older GPUs, ``no`` on CPU."""
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = "no"
         if torch.cuda.is_available():
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    require_device(cfg, "training")
+    precision = mixed_precision(cfg)
     if precision != "no" and not torch.cuda.is_available():
         raise ValueError(f"mixed_precision={precision} needs a GPU here; use 'no' or 'auto' on CPU")
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
@@ -230,14 +238,53 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reference_cache_key(cfg: Config, examples, reference_adapter: Path | None) -> str:
-    """Changes when the reference model, the data or the tokenization changes."""
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries whose kernels compute the log-probs (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def model_revision(model) -> str | None:
+    """What identifies a loaded base model beyond its name: the Hub commit it came from, or for a
+    local folder a digest of its ``config.json`` and its weight files' names and sizes; None for
+    weights built from a config (their ``init_seed`` identifies them)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(str(getattr(config, "name_or_path", "") or ""))
+    if not str(folder) or not (folder / "config.json").is_file():
+        return None
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def reference_cache_key(cfg: Config, examples, reference_adapter: Path | None,
+                        revision: str | None = None) -> str:
+    """Changes when the reference model, the data, the tokenization or the arithmetic changes.
+
+    The model: name, ``revision`` (:func:`model_revision`), quantization, the compute dtype and
+    mixed precision as resolved on this machine (``auto`` is bf16 on a GPU, fp32 on a CPU: log-probs
+    computed under bf16 autocast are not served to an fp32 run), and the versions of torch,
+    transformers, peft and bitsandbytes; the reference adapter's weights; every token id.
+    """
+    from .models import compute_dtype
+
     digest = hashlib.sha256()
     model = cfg.model
-    identity = [model.name, model.quantization, model.get("double_quant"),
-                model.get("compute_dtype"), model.get("init_seed", 0)
-                if model.name.startswith(("tiny", "random")) else None,
-                cfg.data.max_length, cfg.data.max_prompt_length]
+    identity = [model.name, revision, model.quantization, model.get("double_quant"),
+                str(compute_dtype(model.get("compute_dtype", "auto"))), mixed_precision(cfg),
+                model.get("init_seed", 0) if model.name.startswith(("tiny", "random")) else None,
+                cfg.data.max_length, cfg.data.max_prompt_length, library_versions()]
     digest.update(json.dumps(identity).encode())
     if reference_adapter is not None:
         for file in sorted(reference_adapter.glob("adapter_model.*")):
@@ -292,9 +339,24 @@ def precompute_reference_logps(model, examples, batch_size: int, accelerator=Non
     reference = dict(zip(("chosen_sums", "rejected_sums", "chosen_counts", "rejected_counts"),
                          table.unbind(1)))
     if cache_file is not None and (accelerator is None or accelerator.is_main_process):
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(reference, cache_file)
+        save_atomically(reference, Path(cache_file))
     return reference
+
+
+def save_atomically(obj, path: Path) -> None:
+    """``torch.save`` into a temporary file beside ``path``, then renamed onto it: a reader (another
+    process, another run) finds the complete file or none."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def length_sorted_batches(examples, batch_size: int) -> list[list[int]]:
@@ -401,31 +463,28 @@ def evaluate(model, examples, cfg: Config, accelerator, reference=None) -> dict[
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, accelerator,
+                    cfg: Config | None = None) -> Path:
+    """``checkpoint-<step>/``: accelerate's ``save_state`` (optimizer, the registered scheduler,
+    the fp16 GradScaler, every process's own RNG states), the LoRA adapter
+    (``adapter_model.safetensors``, what :mod:`dpo_lib.export` and the notebooks read), the run's
+    config and ``trainer_state.json`` (the optimizer steps done = the data position). Written into
+    a hidden folder, renamed when complete. Every process calls it."""
+    import shutil
 
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, accelerator) -> Path:
-    """Adapter, optimizer, scheduler, RNG and data position (= optimizer steps done)."""
-    target = folder / f"checkpoint-{step}"
+    target, partial = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))      # the base model's weights are left out (see train)
     if accelerator.is_main_process:
-        partial = folder / f".checkpoint-{step}.partial"
         accelerator.unwrap_model(model).save_pretrained(partial)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "step": step}, partial / "trainer_state.pt")
+        if cfg is not None:
+            cfg.save(partial / "config.yaml")
+        (partial / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         partial.rename(target)
     accelerator.wait_for_everyone()
@@ -437,17 +496,63 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, accelerator) -> int:
+def load_checkpoint(checkpoint: Path, model, accelerator) -> int:
+    """Restore what :func:`save_checkpoint` wrote (every process its own RNG); returns the step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(checkpoint / "adapter_model.safetensors")
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    accelerator.load_state(str(checkpoint))
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+
+
+#: Keys a resumed run may change without changing what it computes.
+RESUME_MAY_DIFFER = ("train.resume", "train.output_dir", "train.eval_every", "train.save_every",
+                     "train.wandb", "train.wandb_project")
+
+
+def resume_checkpoint(cfg: Config, folder: Path) -> Path | None:
+    """The checkpoint a ``train.resume=true`` run continues from, or a clear error.
+
+    No checkpoint in ``folder`` is an error (starting afresh would replace its metrics.jsonl);
+    so is a checkpoint whose saved config differs from ``cfg`` in a key that changes the
+    computation: anything but :data:`RESUME_MAY_DIFFER` and the other stage's step count. Total
+    steps count: they shape the learning-rate schedule (train longer from ``init_adapter`` instead).
+    """
+    if not cfg.train.get("resume"):
+        return None
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"train.resume=true, but {folder} has no checkpoint-* folder to continue from (a run "
+            f"writes one every save_every steps). Set resume=false to start afresh there (that "
+            f"replaces its metrics.jsonl), or point output_dir at the run to continue.")
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} was written by an older dpo_lib (no "
+                                f"trainer_state.json); start afresh with resume=false")
+    saved = _leaves(load_config(str(checkpoint / "config.yaml")).to_dict())
+    now = _leaves(cfg.to_dict())
+    other_steps = "train.preference_steps" if cfg.train.stage == "sft" else "train.sft_steps"
+    differ = sorted(key for key in saved.keys() | now.keys()
+                    if saved.get(key) != now.get(key) and key not in RESUME_MAY_DIFFER
+                    and key != other_steps)
+    if differ:
+        changes = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in differ)
+        raise ValueError(f"cannot resume from {checkpoint}: the config differs in keys that change "
+                         f"the computation ({changes}). Resume with the checkpoint's values, or "
+                         f"start a new run (init_adapter={checkpoint} to start from its adapter).")
+    return checkpoint
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +665,7 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
         raise ValueError(f"train.stage={stage!r}: choose sft or preference")
     accelerator = make_accelerator(cfg)
     folder = output_dir(cfg)
-    resume_from = latest_checkpoint(folder) if cfg.train.get("resume") else None
+    resume_from = resume_checkpoint(cfg, folder)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         cfg.save(folder / "config.yaml")
@@ -569,6 +674,8 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     np.random.seed(cfg.seed)
 
     model, tokenizer, reference_adapter = prepare_model(cfg, progress)
+    if shared_prompt(cfg):
+        packing.attention_implementation(model)     # refuses kernels that ignore a 4-D mask
     _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
     _, eval_examples, _ = load_examples(cfg, tokenizer, "test", cfg.data.test_limit)
     if stage == "sft":
@@ -580,7 +687,7 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
         cache_root = _reference_cache_root()
         timing = {}
         for name, examples in (("train", train_examples), ("eval", eval_examples)):
-            key = reference_cache_key(cfg, examples, reference_adapter)
+            key = reference_cache_key(cfg, examples, reference_adapter, model_revision(model))
             cached = (cache_root / f"{key}.pt").is_file()
             reference_started = time.perf_counter()
             values = precompute_reference_logps(
@@ -605,10 +712,16 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
                               num_warmup_steps=cfg.train.warmup_steps,
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Checkpoints through accelerate's save_state/load_state: the scheduler is registered (not
+    # prepared, which would step it once per process), and the frozen base model's weights are
+    # left out (the adapter is saved beside them).
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+        start_step = load_checkpoint(resume_from, model, accelerator)
     log = MetricsLog(folder / "metrics.jsonl", accelerator, cfg,
                      start_step if resume_from is not None else None)
 
@@ -643,11 +756,15 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     for step in range(start_step + 1, total_steps + 1):
         started = time.perf_counter()
         rows, tokens, positions = [], 0, 0
-        for micro in range(accumulation):
-            number = (step - 1) * per_step + micro * world + accelerator.process_index
-            indices = micro_batch(number)
-            batch = _to_device(collate([train_examples[i] for i in indices], pad_id),
-                               accelerator.device)
+        numbers = [(step - 1) * per_step + micro * world + accelerator.process_index
+                   for micro in range(accumulation)]
+        step_indices = [micro_batch(number) for number in numbers]
+        step_batches = [collate([train_examples[i] for i in indices], pad_id)
+                        for indices in step_indices]
+        if stage == "sft":  # the tokens of the whole optimizer step, all micro-batches and processes
+            step_tokens = sft_step_tokens(step_batches, accelerator)
+        for micro, (indices, batch) in enumerate(zip(step_indices, step_batches)):
+            batch = _to_device(batch, accelerator.device)
             masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
             tokens += sum(int(m.sum()) for m in masks)
             positions += sum(m.numel() for m in masks)
@@ -656,24 +773,22 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
             with context, accelerator.autocast():
                 if stage == "sft":
                     nll, counts = sft_step_outputs(model, batch, chunked_head(cfg))
-                    loss = nll.sum() / counts.sum()
                     rows.append(torch.stack([nll.detach(), counts], dim=1))
+                    # the step's token mean: summed NLL over the step's tokens on all processes
+                    # (times the processes, as DDP averages gradients over them): the same
+                    # gradient for any split of the step into micro-batches and processes
+                    loss = nll.sum() / step_tokens * world
                 else:
                     losses, step_rows = preference_step_outputs(model, batch, reference,
                                                                 indices, cfg)
-                    loss = losses.mean()
+                    loss = losses.mean() / accumulation
                     rows.append(step_rows)
-                if not torch.isfinite(loss):
-                    kept = latest_checkpoint(folder)
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (micro-batch {micro}, examples "
-                        f"{indices}); the run stopped. Last good checkpoint: "
-                        f"{kept if kept else 'none yet'}. Lower the learning rate, check the data,"
-                        f" or use fp32/bf16 instead of fp16.")
-                accelerator.backward(loss / accumulation)
+                stop_if_not_finite(loss, step, micro, indices, folder, accelerator)
+                accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: the GradScaler skipped the step
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         local = torch.cat(rows).to(accelerator.device)
@@ -697,7 +812,7 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
             log.write({"step": step, "examples": record["examples"],
                        **evaluate(model, eval_examples, cfg, accelerator, eval_reference)})
         if cfg.train.save_every and step % cfg.train.save_every == 0:
-            save_checkpoint(folder, model, optimizer, scheduler, step, accelerator)
+            save_checkpoint(folder, model, optimizer, scheduler, step, accelerator, cfg)
     bar.close()
     log.close()
     if accelerator.is_main_process:
@@ -713,6 +828,45 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     accelerator.free_memory()
     accelerator.end_training()
     return result
+
+
+def sft_step_tokens(batches, accelerator) -> int:
+    """Answer tokens (labels other than -100 after the shift) in one optimizer step's SFT
+    micro-batches, summed over every process."""
+    tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches)
+    if accelerator.num_processes > 1:
+        tokens = int(accelerator.reduce(torch.tensor([tokens], device=accelerator.device),
+                                        "sum").item())
+    return tokens
+
+
+def stop_if_not_finite(loss: torch.Tensor, step: int, micro: int, indices, folder: Path,
+                       accelerator) -> None:
+    """Raise :class:`NonFiniteLossError` on every process when the loss is NaN or inf on any.
+
+    With several processes they first agree (one all-reduce of a flag per micro-batch), so that
+    none raises while the others wait for it in the gradient all-reduce; all then raise the same
+    error, naming each process that saw a non-finite loss.
+    """
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(bad)], device=accelerator.device)
+        if accelerator.reduce(flag, "sum").item() == 0:
+            return
+        from accelerate.utils import gather_object
+
+        seen = gather_object([(accelerator.process_index, loss.item(), list(indices))])
+    elif not bad:
+        return
+    else:
+        seen = [(0, loss.item(), list(indices))]
+    where = "; ".join(f"rank {rank}: loss {value}, examples {examples}"
+                      for rank, value, examples in seen if not math.isfinite(value))
+    kept = latest_checkpoint(folder)
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} (micro-batch {micro}; {where}); every process stopped. "
+        f"Last good checkpoint: {kept if kept else 'none yet'}. Lower the learning rate, check the "
+        f"data, or use fp32/bf16 instead of fp16.")
 
 
 class _null:

@@ -88,8 +88,11 @@ def test_every_recipe_file_loads():
         cfg = load_config(str(recipe))
         assert cfg.profile in available_profiles() and cfg.train.stage in ("sft", "preference")
         if cfg.train.stage == "preference":
-            assert cfg.train.init_adapter == f"runs/{cfg.profile}-sft"
+            # internlm2-chat-1_8b-sft is already a chat SFT model: IPO starts from it directly
+            if cfg.model.name != "internlm/internlm2-chat-1_8b-sft":
+                assert cfg.train.init_adapter == f"runs/{cfg.profile}-sft"
             assert recipe.stem.endswith(cfg.train.loss_type)
+        assert cfg.model.trust_remote_code == (recipe.stem == "gpu-internlm2-ipo")
 
 
 def test_the_real_data_profile_holds_out_a_slice_of_its_one_file():

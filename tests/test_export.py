@@ -410,3 +410,24 @@ def test_app_in_a_headless_browser(app_url, tmp_path):
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    """A run whose saved config says requires_cuda (trained on a GPU) merges here too, and the
+    merged weights are bit-identical to those of the same run without that flag: dequantizing
+    NF4 on the CPU gives the GPU's values."""
+    import yaml
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    make_run(run, "tiny", {"model.quantization": "nf4", "model.double_quant": True})
+    plain = export.merge_adapter(run, tmp_path / "plain")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({"requires_cuda": True, **saved},
+                                                    sort_keys=False))
+    assert export.run_config(run).requires_cuda
+    merged = export.merge_adapter(run, tmp_path / "gpu-run")
+    a = load_file(plain / "model.safetensors")
+    b = load_file(merged / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

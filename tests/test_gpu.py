@@ -151,6 +151,76 @@ def test_seed_recipe_dpo_step_fits_in_24_gb():
     assert peak < 24e9                                 # the seed's RTX 4090: 24 GB
 
 
+@cuda
+@pytest.mark.cuda
+def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tmp_path,
+                                                                              monkeypatch):
+    """fp16: inf gradients at step 1 make the GradScaler skip the optimizer step and halve its
+    scale; the learning-rate schedule waits a step; checkpoints hold the scaler, so a resumed run
+    ends with the uninterrupted run's scale and metrics."""
+    import shutil
+
+    monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("tiny", overrides={
+        "train.mixed_precision": "fp16", "model.compute_dtype": "float32", "train.stage": "sft",
+        "train.sft_steps": 4, "train.save_every": 2, "train.eval_every": 0,
+        "train.warmup_steps": 0, "train.lr_scheduler": "linear", "data.train_limit": 32,
+        "data.test_limit": 8, "train.output_dir": str(tmp_path / "plain")})
+    plain = train_lib.read_metrics(train_lib.train(cfg, progress=False).output_dir)
+    original, calls = train_lib.sft_step_outputs, []
+
+    def inf_gradients_at_step_1(model, batch, *rest):
+        calls.append(1)
+        nll, counts = original(model, batch, *rest)
+        if len(calls) == 1:
+            nll.register_hook(lambda grad: grad * float("inf"))
+        return nll, counts
+
+    monkeypatch.setattr(train_lib, "sft_step_outputs", inf_gradients_at_step_1)
+    run = tmp_path / "skip"
+    skip = train_lib.read_metrics(train_lib.train(
+        cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
+    assert skip[0]["lr"] == pytest.approx(cfg.train.learning_rate)      # the schedule waited
+    assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
+    scale = torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"]
+    assert scale == pytest.approx(2.0 ** 15)                            # 65536, halved once
+    monkeypatch.setattr(train_lib, "sft_step_outputs", original)
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "adapter")
+    resumed = train_lib.read_metrics(train_lib.train(
+        cfg.with_overrides({"train.output_dir": str(run), "train.resume": True}),
+        progress=False).output_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(skip, resumed):
+        for key in ("loss", "lr", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"] == \
+        pytest.approx(2.0 ** 15)
+
+
+@cuda
+@pytest.mark.cuda
+def test_each_process_holds_its_model_on_its_own_gpu(tmp_path):
+    """torchrun with two processes on two GPUs: rank r's weights on cuda:r, its batches' device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dpo_lib.config import REPO_ROOT
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs, this machine has {torch.cuda.device_count()}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                str(REPO_ROOT / "tests" / "distributed_checks.py"), "device", str(tmp_path)]
+    done = subprocess.run(torchrun, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DPO_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["on_accelerator_device"] and record["weights"] == [f"cuda:{rank}"], record
+
+
 # --------------------------------------------------------------------------------------------
 # What CPU can check of the same path
 # --------------------------------------------------------------------------------------------

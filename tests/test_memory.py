@@ -67,3 +67,29 @@ def test_estimate_matches_measured_cpu_peak_on_tiny_model():
     measured = json.loads(line[-1][len("RESULT "):])["measured"]
     predicted = benchmark.predict(**run).total
     assert abs(predicted / measured - 1) < TOLERANCE, (predicted, measured)
+
+
+def test_peak_memory_without_proc(monkeypatch, tmp_path):
+    """Linux reads /proc/self/status; elsewhere getrusage (macOS, other Unix), psutil (Windows),
+    or None."""
+    import sys
+
+    from dpo_lib.memory import peak_rss_mb
+
+    linux = peak_rss_mb()
+    assert linux is not None and linux > 10
+    missing = str(tmp_path / "no-proc")
+    assert peak_rss_mb(missing) == pytest.approx(linux, rel=0.5)             # ru_maxrss
+    monkeypatch.setitem(sys.modules, "resource", None)
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    assert peak_rss_mb(missing) is None
+
+
+def test_cpu_threads_without_sched_getaffinity(monkeypatch):
+    import os
+
+    from dpo_lib.export import cpu_threads
+
+    assert cpu_threads() >= 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert cpu_threads() == os.cpu_count()

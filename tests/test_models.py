@@ -188,3 +188,86 @@ def test_quantization_config_options():
     assert fsdp.bnb_4bit_quant_storage == torch.bfloat16         # what FSDP needs to shard it
     assert quantization_config("int8").load_in_8bit
     assert quantization_config("bf16") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Remote code (a model that ships its own modelling code) and the LoRA targets
+# --------------------------------------------------------------------------------------------
+
+REMOTE_CODE = '''
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+
+class TinyRemoteConfig(GPTNeoXConfig):
+    model_type = "tiny_remote"
+
+
+class TinyRemoteForCausalLM(GPTNeoXForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+@pytest.fixture
+def remote_code_model(tmp_path):
+    """A local model folder whose config.json points (auto_map) to classes in its own .py file,
+    as internlm2's does on the Hub."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "tiny-remote"
+    AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(folder)
+    load_tokenizer("tiny-gpt-neox").save_pretrained(folder)
+    (folder / "modeling_tiny_remote.py").write_text(REMOTE_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tiny_remote", architectures=["TinyRemoteForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_remote_code_loads_only_when_the_config_trusts_it(remote_code_model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trusted = load_config("tiny", overrides={"model.name": str(remote_code_model),
+                                             "model.trust_remote_code": True})
+    model = load_model(trusted)
+    assert type(model).__name__ == "TinyRemoteForCausalLM"
+    assert load_tokenizer(trusted).pad_token is not None
+    refused = trusted.with_overrides({"model.trust_remote_code": False})
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ValueError, match="own modelling code.*model.trust_remote_code=true"):
+            load(refused)
+
+
+def test_trust_remote_code_is_off_in_every_profile():
+    from dpo_lib.config import PROFILES
+
+    for name in PROFILES:
+        cfg = load_config(name)
+        assert cfg.model.trust_remote_code is False and cfg.model.lora_target_modules is None
+
+
+def test_lora_target_modules_from_the_config(remote_code_model):
+    cfg = load_config("tiny", overrides={"model.name": str(remote_code_model),
+                                         "model.trust_remote_code": True,
+                                         "model.lora_target_modules": ["query_key_value", "dense"]})
+    model = add_lora(load_model(cfg), cfg)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1]
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"query_key_value", "dense"}
+
+
+def test_the_internlm2_recipe():
+    cfg = load_config("configs/gpu-internlm2-ipo.yaml")
+    assert cfg.model.name == "internlm/internlm2-chat-1_8b-sft" and cfg.model.trust_remote_code
+    assert cfg.model.lora_target_modules == ["wqkv", "wo", "w1", "w2", "w3"]
+    assert (cfg.train.stage, cfg.train.loss_type, cfg.train.beta) == ("preference", "ipo", 0.1)
+    assert cfg.requires_cuda and cfg.profile == "gpu"
+
+
+def test_device_map_is_this_process_gpu(monkeypatch):
+    """One process here; several processes: tests/test_train.py (each rank its own device)."""
+    from dpo_lib import models
+
+    assert models.process_device_map() == (None if not torch.cuda.is_available() else {"": 0})

@@ -148,3 +148,24 @@ def test_chunked_head_on_the_plain_layout_and_in_nf4():
         chunked = trainer.pair_logps(model, batch, chunked_head=True)
     for a, b in zip(plain, chunked):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3"])
+def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_path,
+                                                         monkeypatch):
+    """flash_attention_2 takes no 4-D mask: the packed answers would see each other. Refused in
+    the forward and, before any pass, when a run asks for shared_prompt."""
+    cfg = load_config("tiny")
+    tokenizer = load_tokenizer(cfg)
+    pairs, _ = load_preference_pairs("bundled", split="test", limit=2)
+    examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    model = add_lora(load_model(cfg), cfg)
+    model.config._attn_implementation = implementation
+    assert model.config._attn_implementation == implementation
+    batch = packing.collate_shared_prompt(examples, 0)
+    with pytest.raises(ValueError, match=f"shared_prompt.*'{implementation}'.*shared_prompt=false"):
+        trainer.pair_logps(model, batch)
+    cfg = cfg.with_overrides({"train.shared_prompt": True, "train.output_dir": str(tmp_path)})
+    monkeypatch.setattr(trainer, "prepare_model", lambda cfg, progress: (model, tokenizer, None))
+    with pytest.raises(ValueError, match=f"'{implementation}'"):       # before any pass
+        trainer.train(cfg, progress=False)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -225,3 +226,262 @@ def test_preference_runs_can_have_their_own_learning_rate(tmp_path):
                                   preference_learning_rate=1e-5, warmup_steps=0,
                                   lr_scheduler="constant"), progress=False)
     assert {r["lr"] for r in result.metrics if "lr" in r} == {2e-3}   # sft: learning_rate
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes, checkpoints, resume, the reference cache (issue 18)
+# --------------------------------------------------------------------------------------------
+
+CHECKS = str(REPO_ROOT / "tests" / "distributed_checks.py")
+
+
+def torchrun(args, tmp_path, processes=2, timeout=600):
+    """``tests/distributed_checks.py`` in ``processes`` processes (gloo on CPU); a deadlock
+    fails the test at ``timeout`` seconds instead of hanging it."""
+    command = [shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+               "--nproc_per_node", str(processes), CHECKS, *args]
+    environment = {**os.environ, "DPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": str(REPO_ROOT)}
+    # its own process group, so that a timeout ends torchrun's workers too (a deadlock leaves
+    # them waiting in a collective otherwise)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (deadlock?): {stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_each_process_loads_its_model_onto_its_own_device(tmp_path):
+    """Two processes: the weights sit on the accelerator's device of each, and with GPUs each
+    process asks transformers for its own GPU (local rank), not GPU 0 for all."""
+    done = torchrun(["device", str(tmp_path / "out")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "out" / f"rank{rank}.json").read_text())
+        assert record["on_accelerator_device"], record
+        if "device_map_with_cuda" in record:
+            assert record["device_map_with_cuda"] == {"": rank}
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
+    """Rank 1 alone sees a NaN loss at step 3: both processes raise the same error (none waits
+    in the gradient all-reduce), and the step-2 checkpoint is kept."""
+    run = tmp_path / "run"
+    done = torchrun(["train", str(tmp_path / "out"), "--nan-rank", "1", "--nan-call", "3",
+                     "stage=sft", "sft_steps=6", "save_every=2", "eval_every=0",
+                     "train_limit=48", "test_limit=16", f"output_dir={run}"], tmp_path,
+                    timeout=600)
+    assert done.returncode != 0
+    errors = [(tmp_path / "out" / f"rank{rank}.error") for rank in (0, 1)]
+    assert all(e.is_file() for e in errors), done.stderr[-3000:]
+    first, second = (e.read_text() for e in errors)
+    assert first == second
+    assert "step 3" in first and "rank 1: loss nan" in first and "rank 0:" not in first
+    assert "checkpoint-2" in first
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert [m["step"] for m in train_lib.read_metrics(run)] == [1, 2]
+
+
+def sgd(cfg, parameters):
+    return torch.optim.SGD(parameters, lr=train_lib.learning_rate(cfg))
+
+
+def lora_b(run):
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    return {k: v for k, v in weights.items() if "lora_B" in k}
+
+
+def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch):
+    """The same 8 examples in one optimizer step as batch 8, as 4 micro-batches of 2, and as
+    2 processes x 2 micro-batches of 2: the same loss and, with plain SGD and no clipping (the
+    update is the gradient), the same adapter after the step."""
+    monkeypatch.setattr(train_lib, "make_optimizer", sgd)
+    common = {"stage": "sft", "sft_steps": 1, "train_limit": 8, "test_limit": 8,
+              "max_grad_norm": 1e9, "warmup_steps": 0, "lr_scheduler": "constant",
+              "learning_rate": 0.5}
+    runs = {}
+    for name, batch, accumulation in (("8x1", 8, 1), ("2x4", 2, 4)):
+        result = train_lib.train(tiny(tmp_path, name, batch_size=batch,
+                                      gradient_accumulation_steps=accumulation, **common),
+                                 progress=False)
+        runs[name] = (losses(result)[0], lora_b(result.output_dir))
+    done = torchrun(["train", str(tmp_path / "out"), "--sgd", "eval_every=0", "save_every=0",
+                     "batch_size=2", "gradient_accumulation_steps=2",
+                     f"output_dir={tmp_path / '2x2x2'}"]
+                    + [f"{k}={v}" for k, v in common.items()], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs["2x2x2"] = (losses(train_lib.RunResult(tmp_path / "2x2x2",
+                                                train_lib.read_metrics(tmp_path / "2x2x2")))[0],
+                     lora_b(tmp_path / "2x2x2"))
+    loss, weights = runs["8x1"]
+    assert any(v.abs().max() > 1e-4 for v in weights.values())     # the step moved B
+    for name in ("2x4", "2x2x2"):
+        assert runs[name][0] == pytest.approx(loss, rel=1e-6), name
+        for key, value in weights.items():
+            torch.testing.assert_close(runs[name][1][key], value, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_sft_with_one_micro_batch_is_unchanged(tmp_path):
+    """One process, accumulation 1: the step's loss is the batch's token mean, exactly as before
+    (values recorded from the code before the change)."""
+    result = train_lib.train(tiny(tmp_path, "run", stage="sft", sft_steps=3), progress=False)
+    assert losses(result) == [6.938392639160156, 6.939053058624268, 6.910030841827393]
+    assert losses(result, "grad_norm") == [0.5109991431236267, 0.46916404366493225,
+                                           0.5752112865447998]
+
+
+@pytest.mark.parametrize("stage, overrides", [
+    ("preference", {"lora_dropout": 0.1}),
+    ("sft", {"lora_dropout": 0.1, "quantization": "nf4", "gradient_accumulation_steps": 2}),
+])
+def test_resume_equals_the_uninterrupted_run(tmp_path, stage, overrides):
+    """Dropout on, so the RNG state matters; NF4 and accumulation for SFT."""
+    cfg = tiny(tmp_path, "run", stage=stage, preference_steps=4, sft_steps=4, save_every=2,
+               eval_every=2, train_limit=32, **overrides)
+    whole = train_lib.train(cfg, progress=False).metrics
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    resumed = train_lib.train(cfg.with_overrides({"train.resume": True}), progress=False).metrics
+    assert_same_metrics(whole, resumed)
+
+
+def assert_same_metrics(whole, resumed):
+    assert [m["step"] for m in resumed] == [m["step"] for m in whole]
+    for a, b in zip(whole, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key not in ("tokens_per_second", "step_seconds"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_two_process_resume_equals_the_uninterrupted_run(tmp_path):
+    """Each process restores its own RNG state (dropout masks differ between the processes)."""
+    common = ["stage=sft", "sft_steps=4", "save_every=2", "eval_every=2", "train_limit=48",
+              "test_limit=16", "lora_dropout=0.1", f"output_dir={tmp_path / 'run'}"]
+    done = torchrun(["train", str(tmp_path / "out"), *common], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = train_lib.read_metrics(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    done = torchrun(["train", str(tmp_path / "out"), *common, "resume=true"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_metrics(whole, train_lib.read_metrics(tmp_path / "run"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "adapter_model.safetensors",
+            "optimizer.bin", "trainer_state.json", "config.yaml"} <= \
+        {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+
+
+def test_scheduler_does_not_step_when_the_optimizer_step_was_skipped(tmp_path, monkeypatch):
+    """fp16's GradScaler skips a step with inf gradients (accelerate reports it); the learning
+    rate schedule must then wait. Simulated here: the first step reported as skipped."""
+    from accelerate import Accelerator
+
+    cfg = tiny(tmp_path, "plain", stage="sft", sft_steps=3, warmup_steps=0,
+               lr_scheduler="linear")
+    plain = [m["lr"] for m in train_lib.train(cfg, progress=False).metrics]
+    asked = []
+
+    def skipped_once(self):
+        asked.append(1)
+        return len(asked) == 1
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(skipped_once))
+    cfg = cfg.with_overrides({"train.output_dir": str(tmp_path / "skip")})
+    skip = [m["lr"] for m in train_lib.train(cfg, progress=False).metrics]
+    assert asked and skip[0] == pytest.approx(1e-3) and skip[1:] == pytest.approx(plain[:2])
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_metrics(tmp_path):
+    cfg = tiny(tmp_path, "run", stage="sft", sft_steps=2)
+    train_lib.train(cfg, progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(FileNotFoundError, match="no checkpoint.*resume=false"):
+        train_lib.train(cfg.with_overrides({"train.resume": True}), progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_with_a_different_config_names_the_keys(tmp_path):
+    cfg = tiny(tmp_path, "run", stage="sft", sft_steps=4, save_every=2)
+    train_lib.train(cfg, progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    changed = cfg.with_overrides({"train.resume": True, "train.learning_rate": 5e-4,
+                                  "data.max_length": 96, "train.eval_every": 1})
+    with pytest.raises(ValueError, match=r"data.max_length: 128 -> 96, train.learning_rate"):
+        train_lib.train(changed, progress=False)
+    # keys that do not change the computation may differ
+    allowed = cfg.with_overrides({"train.resume": True, "train.eval_every": 2,
+                                  "train.preference_steps": 99})
+    assert train_lib.resume_checkpoint(allowed, tmp_path / "run").name == "checkpoint-2"
+
+
+def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
+    """A reference computed under bf16 autocast (or bf16 compute) is not served to an fp32 run;
+    neither is one from other library versions or another revision of the model."""
+    import transformers
+
+    from dpo_lib.models import load_tokenizer
+
+    cfg = tiny(tmp_path, "a", stage="preference")
+    _, examples, _ = train_lib.load_examples(cfg, load_tokenizer(cfg), "train", 8)
+
+    def key(**overrides):
+        return train_lib.reference_cache_key(cfg.with_overrides(overrides), examples, None)
+
+    fp32 = key(**{"train.mixed_precision": "no"})
+    assert key(**{"train.mixed_precision": "bf16"}) != fp32
+    assert key(**{"train.mixed_precision": "fp16"}) != fp32
+    # auto resolves on this machine: fp32 on CPU is the same key as an explicit float32 ...
+    assert key(**{"model.compute_dtype": "auto"}) == key(**{"model.compute_dtype": "float32"})
+    assert key(**{"model.compute_dtype": "bfloat16"}) != fp32
+    if not torch.cuda.is_available():   # ... and bf16 (compute and autocast) on a bf16 GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert key(**{"model.compute_dtype": "auto", "train.mixed_precision": "auto"}) != fp32
+        monkeypatch.undo()
+    assert train_lib.reference_cache_key(cfg, examples, None, "rev-a") != \
+        train_lib.reference_cache_key(cfg, examples, None, "rev-b")
+    versions = train_lib.library_versions()
+    monkeypatch.setattr(train_lib, "library_versions",
+                        lambda: {**versions, "transformers": transformers.__version__ + ".post1"})
+    assert key(**{"train.mixed_precision": "no"}) != fp32
+
+
+def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way leaves no file where readers look for it."""
+    target = tmp_path / "cache" / "key.pt"
+    original = torch.save
+
+    def interrupted(obj, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.save_atomically({"x": torch.zeros(2)}, target)
+    assert not target.exists() and not list(target.parent.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", original)
+    train_lib.save_atomically({"x": torch.ones(2)}, target)
+    assert torch.equal(torch.load(target)["x"], torch.ones(2))
+
+
+def test_model_revision_of_a_local_folder_changes_with_its_files(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_lib.models import architecture_config
+
+    AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    first = train_lib.model_revision(model)
+    assert first and first == train_lib.model_revision(model)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["layer_norm_eps"] = 1e-6
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train_lib.model_revision(model) != first
