@@ -323,43 +323,18 @@ def test_smollm2_export_round_trip(tmp_path):
 # The chat app
 # --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tiny_export):
-    """The app started with its one command, on the tiny GGUF or ``$DPO_APP_MODEL``."""
+    """The app started with its one command (:func:`dpo_lib.browser.serve_app`), on the tiny GGUF
+    or ``$DPO_APP_MODEL``."""
     import os
-    import time
-    import urllib.request
+
+    from dpo_lib.browser import serve_app
 
     pytest.importorskip("gradio")
     model = os.environ.get("DPO_APP_MODEL") or str(tiny_export[2]["q4_k_m"])
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "dpo_lib.app", model, "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(120):
-            if process.poll() is not None:
-                pytest.fail(f"the app exited:\n{process.stdout.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not answer on its port within 60 s")
+    with serve_app(model) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_app_answers_over_http(app_url):
@@ -373,43 +348,16 @@ def test_app_answers_over_http(app_url):
 def test_app_in_a_headless_browser(app_url, tmp_path):
     """Debian's chromium types a question into the app and waits for the streamed answer; the
     screenshot goes to a temporary folder (a test never writes into ``figures/``: the committed
-    ``figures/08_chat_app.png`` is made outside the test suite, with the cpu profile's Q4_K_M file)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
+    ``figures/08_chat_app.png`` is made by notebook 08 with the same function)."""
+    pytest.importorskip("selenium.webdriver")
+    from dpo_lib.browser import ask_in_browser, chromium
+
+    if chromium() is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium "
                     "chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1000,820"):
-        options.add_argument(argument)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    try:
-        browser.get(app_url)
-        box = WebDriverWait(browser, 30).until(
-            lambda b: b.find_element(By.CSS_SELECTOR, "textarea"))
-        box.send_keys("What is the capital of France?")
-        box.send_keys(Keys.ENTER)
-
-        def answered(b):
-            bots = [e.text for e in b.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")]
-            return bots and bots[-1].strip()
-
-        WebDriverWait(browser, 90).until(answered)
-        import time
-
-        time.sleep(2)                       # let the stream finish before the picture
-        shot = tmp_path / "08_chat_app.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
-    finally:
-        browser.quit()
+    shot = tmp_path / "08_chat_app.png"
+    answer = ask_in_browser(app_url, "What is the capital of France?", shot)
+    assert answer and shot.stat().st_size > 10_000
 
 
 def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
