@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 
 from .progress import silence_known_noise as _silence_known_noise
 
-_silence_known_noise()  # two known library messages, filtered by message (see dpo_lib.progress)
+_silence_known_noise()  # three known library messages, filtered by message (see dpo_lib.progress)

@@ -6,11 +6,13 @@ transformers' own ("Loading weights", "Writing model shards") included. ``make t
 ``make notebooks`` and the test suite set ``DPO_PROGRESS=0``, so that the executed notebooks hold
 no widget: a saved widget renders as a frozen ``0%`` on GitHub or any static viewer.
 
-:func:`silence_known_noise` drops two messages that say nothing about the lesson: bitsandbytes'
+:func:`silence_known_noise` drops three messages that say nothing about the lesson: bitsandbytes'
 "Failed to load CPU gemm_4bit_forward from kernels-community" (it would fetch faster CPU kernels
-from the Hugging Face Hub, then uses its built-in path) and transformers' FutureWarning that
-``is_gradient_checkpointing`` is deprecated (peft still reads the old name). Both filters match
-the message, nothing else.
+from the Hugging Face Hub, then uses its built-in path), transformers' FutureWarning that
+``is_gradient_checkpointing`` is deprecated (peft still reads the old name), and transformers'
+"The modules are dequantized in ..." when :func:`dpo_lib.export.merge_adapter` dequantizes the
+4-bit base (the dtype it names is the one asked for). Each filter matches its message, nothing
+else.
 """
 from __future__ import annotations
 
@@ -51,15 +53,18 @@ class _DropMessage(logging.Filter):
 
 
 _BNB_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_DEQUANTIZED = "The modules are dequantized in"
 _silenced = False
 
 
 def silence_known_noise() -> None:
-    """Drop the two known messages (see the module docstring); idempotent."""
+    """Drop the three known messages (see the module docstring); idempotent."""
     global _silenced
     if _silenced:
         return
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage(_BNB_KERNELS))
+    logging.getLogger("transformers.integrations.bitsandbytes").addFilter(
+        _DropMessage(_DEQUANTIZED))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
     _silenced = True

@@ -71,14 +71,21 @@ def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_eleme
                                response_logps(head(hidden), targets, average=True))
 
 
-@pytest.mark.parametrize("attention,chunked", [("sdpa", False), ("eager", False), ("sdpa", True)])
-def test_packed_logps_and_gradients_equal_the_plain_forward(attention, chunked):
+def tiny_model_and_pairs(n_pairs: int, attention: str):
+    """The tiny profile's config, tokenizer, ``n_pairs`` tokenized held-out pairs and a LoRA model
+    with the given attention implementation."""
     cfg = load_config("tiny")
     tokenizer = load_tokenizer(cfg)
-    pairs, _ = load_preference_pairs("bundled", split="test", limit=6)
+    pairs, _ = load_preference_pairs("bundled", split="test", limit=n_pairs, order="file")
     examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
     model = add_lora(load_model(cfg), cfg)
     model.config._attn_implementation = attention
+    return cfg, tokenizer, examples, model
+
+
+@pytest.mark.parametrize("attention,chunked", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_logps_and_gradients_equal_the_plain_forward(attention, chunked):
+    cfg, tokenizer, examples, model = tiny_model_and_pairs(6, attention)
     with torch.no_grad():                              # non-zero LoRA B, so that LoRA A gets gradients
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -155,12 +162,7 @@ def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_pat
                                                          monkeypatch):
     """flash_attention_2 takes no 4-D mask: the packed answers would see each other. Refused in
     the forward and, before any pass, when a run asks for shared_prompt."""
-    cfg = load_config("tiny")
-    tokenizer = load_tokenizer(cfg)
-    pairs, _ = load_preference_pairs("bundled", split="test", limit=2)
-    examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    model = add_lora(load_model(cfg), cfg)
-    model.config._attn_implementation = implementation
+    cfg, tokenizer, examples, model = tiny_model_and_pairs(2, implementation)
     assert model.config._attn_implementation == implementation
     batch = packing.collate_shared_prompt(examples, 0)
     with pytest.raises(ValueError, match=f"shared_prompt.*'{implementation}'.*shared_prompt=false"):
