@@ -50,7 +50,7 @@ def build_demo(model_path, max_tokens: int = 160, n_ctx: int = 2048):
     import gradio as gr
     from llama_cpp import Llama
 
-    from .export import cpu_threads
+    from .llama_runtime import cpu_threads
 
     llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=cpu_threads(),
                 verbose=False)

@@ -20,7 +20,7 @@ STOP = [HUMAN]
 def load_chat_model(path, n_ctx: int = 1024):
     """``llama_cpp.Llama`` for chatting (quiet, every available core), with a context of
     ``n_ctx`` tokens or the model's trained context where that is shorter."""
-    from .export import gguf_metadata
+    from .llama_runtime import gguf_metadata
     from .gguf_check import open_gguf
 
     meta = gguf_metadata(path)

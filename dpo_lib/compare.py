@@ -2,7 +2,7 @@
 
 The question after a preference run is "did it learn what the pairs prefer, more than the SFT
 model already knew?". On ``N`` held-out pairs, each model's summed log-probs of both answers
-(:func:`dpo_lib.train.precompute_reference_logps`, one no-grad pass per model) give
+(:func:`dpo_lib.reference.precompute_reference_logps`, one no-grad pass per model) give
 
 * **log-prob ranking**: ``log pi(y_w|x) > log pi(y_l|x)`` (summed, and per token);
 * **reward vs SFT / vs base**: the implicit reward ``log pi/pi_ref`` ranks the pair right, with
@@ -55,15 +55,15 @@ def ranked(tables: dict, model: str, reference: str | None = None,
            per_token: bool = False) -> torch.Tensor:
     """``[N]`` booleans: does ``model``'s score put the chosen answer above the rejected one?
     The score is the summed log-prob, minus ``reference``'s (the implicit reward), or the
-    per-token mean. ``tables[name]`` holds ``chosen_sums``, ``rejected_sums`` and counts ``[N]``."""
+    per-token mean. ``tables[name]``: a :class:`~dpo_lib.logps.PairLogps` of ``[N]`` tensors."""
     table = tables[model]
-    chosen, rejected = table["chosen_sums"], table["rejected_sums"]
+    chosen, rejected = table.chosen_sums, table.rejected_sums
     if reference is not None:
-        chosen = chosen - tables[reference]["chosen_sums"]
-        rejected = rejected - tables[reference]["rejected_sums"]
+        chosen = chosen - tables[reference].chosen_sums
+        rejected = rejected - tables[reference].rejected_sums
     if per_token:
-        chosen = chosen / table["chosen_counts"].clamp(min=1)
-        rejected = rejected / table["rejected_counts"].clamp(min=1)
+        chosen = chosen / table.chosen_counts.clamp(min=1)
+        rejected = rejected / table.rejected_counts.clamp(min=1)
     return chosen > rejected
 
 
@@ -135,9 +135,10 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     answers of every model to the first ``n_answers`` held-out prompts and ``extra_prompts``),
     ``pairs``, ``seconds``.
     """
-    from .data import HUMAN, ASSISTANT, tokenize_pairs, load_split
+    from .batches import tokenize_pairs
+    from .data import ASSISTANT, HUMAN, load_split
     from .generate import generate_answers
-    from .train import precompute_reference_logps
+    from .reference import precompute_reference_logps
 
     if "SFT" not in runs:
         raise ValueError("compare_runs needs the SFT run under the name 'SFT' (the reference)")

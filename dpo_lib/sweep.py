@@ -33,8 +33,8 @@ def load_sweep(path) -> dict[str, dict]:
     return {name: {**common, **(overrides or {})} for name, overrides in runs.items()}
 
 
-def run_config(cfg: Config, name: str, overrides: dict) -> Config:
-    """The config of one sweep run."""
+def config_of_run(cfg: Config, name: str, overrides: dict) -> Config:
+    """The config of the sweep's run ``name``: ``cfg`` with the run's overrides."""
     overrides = dict(overrides)
     if overrides.get("init_adapter") == "sft":
         overrides["init_adapter"] = str(RUNS_DIR / f"{cfg.profile}-sft")
@@ -56,7 +56,7 @@ def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True) -> d
 
     folders = {}
     for name, overrides in load_sweep(sweep_path).items():
-        run_cfg = run_config(cfg, name, overrides)
+        run_cfg = config_of_run(cfg, name, overrides)
         if not is_complete(run_cfg):
             if progress:
                 print(f"sweep run {name}: {overrides}")
