@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import command
 from .config import Config, load_config
 
 #: Files of a run folder worth keeping with a comparison: what made it and what it logged.
@@ -175,9 +176,10 @@ PROBE_PROMPTS = (
 )
 
 
+@command("dpo-compare")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_lib.compare",
+        prog="dpo-compare",
         description="Compare the base model and trained runs on the config's held-out pairs.")
     parser.add_argument("config", help="profile or recipe whose data and model the runs used")
     parser.add_argument("runs", nargs="+", metavar="name=RUN_DIR",

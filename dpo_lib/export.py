@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import command
 from .config import Config
 from .llama_runtime import (ConverterVersionError, ExportError, UnsupportedArchitectureError,
                             captured_llama_log, converter_dir, cpu_threads, fetch_converter,
@@ -334,9 +335,10 @@ def write_space(gguf_path: str | os.PathLike, folder: str | os.PathLike, title: 
     return folder
 
 
+@command("dpo-export")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_lib.export",
+        prog="dpo-export",
         description="Merge a run's LoRA adapter, convert to GGUF with llama.cpp's converter, "
                     "quantize, and optionally verify against the transformers model.")
     parser.add_argument("run_dir", nargs="?", help="a training run's output_dir")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .cli import command
 from .config import RUNS_DIR, Config, load_config
 
 
@@ -81,8 +82,9 @@ def load_sweep_runs(folder) -> dict[str, tuple]:
     return runs
 
 
+@command("dpo-sweep")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo_lib.sweep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dpo-sweep", description=__doc__)
     parser.add_argument("sweep")
     parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
     parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")

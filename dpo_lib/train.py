@@ -27,6 +27,7 @@ import torch
 
 from . import data as data_lib
 from . import packing
+from .cli import command
 from .batches import (batch_indices, collate_sft, real_tokens, sft_examples,
                       tokenize_pairs)
 from .config import Config, load_config, mixed_precision, require_device
@@ -355,11 +356,12 @@ def stop_if_not_finite(loss: torch.Tensor, step: int, micro: int, indices, folde
 # Command line
 # --------------------------------------------------------------------------------------------
 
+@command("dpo-train")
 def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_lib.train",
+        prog="dpo-train",
         description="Train SFT or a preference loss from a config file. CONFIG is a profile "
                     "(tiny, cpu, gpu, auto) or a YAML recipe; key=value pairs override single "
                     "keys (dotted, or a unique leaf name: output_dir=runs/x loss_type=ipo).")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from dpo_lib import data
-from dpo_lib.data import (ASSISTANT, HUMAN, IGNORE_INDEX, HubUnavailableError, PairError,
-                          batch_indices, collate_preference, collate_sft, load_preference_pairs,
-                          padding_fraction, padding_report, sft_examples, split_hh_pair,
-                          tokenize_pairs)
+from dpo_lib.batches import (IGNORE_INDEX, batch_indices, collate_preference, collate_sft,
+                             padding_fraction, padding_report, sft_examples, tokenize_pairs)
+from dpo_lib.data import (ASSISTANT, HUMAN, HubUnavailableError, PairError, load_preference_pairs,
+                          split_hh_pair)
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"

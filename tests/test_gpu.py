@@ -12,7 +12,7 @@ import torch
 from dpo_lib import quantization as Q
 from dpo_lib import train as train_lib
 from dpo_lib.config import load_config
-from dpo_lib.data import IGNORE_INDEX
+from dpo_lib.batches import IGNORE_INDEX
 from dpo_lib.losses import preference_loss
 from dpo_lib.models import add_lora, compute_dtype, load_model, reference_mode
 
@@ -167,7 +167,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
         "train.warmup_steps": 0, "train.lr_scheduler": "linear", "data.train_limit": 32,
         "data.test_limit": 8, "train.output_dir": str(tmp_path / "plain")})
     plain = train_lib.read_metrics(train_lib.train(cfg, progress=False).output_dir)
-    original, calls = train_lib.sft_step_outputs, []
+    original, calls = train_lib.sft_nll, []
 
     def inf_gradients_at_step_1(model, batch, *rest):
         calls.append(1)
@@ -176,7 +176,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
             nll.register_hook(lambda grad: grad * float("inf"))
         return nll, counts
 
-    monkeypatch.setattr(train_lib, "sft_step_outputs", inf_gradients_at_step_1)
+    monkeypatch.setattr(train_lib, "sft_nll", inf_gradients_at_step_1)
     run = tmp_path / "skip"
     skip = train_lib.read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
@@ -184,7 +184,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
     assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
     scale = torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"]
     assert scale == pytest.approx(2.0 ** 15)                            # 65536, halved once
-    monkeypatch.setattr(train_lib, "sft_step_outputs", original)
+    monkeypatch.setattr(train_lib, "sft_nll", original)
     shutil.rmtree(run / "checkpoint-4")
     shutil.rmtree(run / "adapter")
     resumed = train_lib.read_metrics(train_lib.train(
