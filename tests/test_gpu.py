@@ -12,54 +12,34 @@ import torch
 from dpo_lib import quantization as Q
 from dpo_lib import train as train_lib
 from dpo_lib.config import load_config
-from dpo_lib.batches import IGNORE_INDEX
-from dpo_lib.losses import preference_loss
-from dpo_lib.models import add_lora, compute_dtype, load_model, reference_mode
+from dpo_lib.memory import random_pair_examples, trainer_step
+from dpo_lib.models import add_lora, compute_dtype, load_model
+from dpo_lib.reference import precompute_reference_logps
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_preference_batch(pairs: int, length: int, vocab: int, prompt: int, device,
-                            seed: int = 0) -> dict:
-    """``[pairs, length]`` chosen and rejected ids that share a ``prompt``-token prompt, every
-    position real (no padding: the worst case for memory), prompt labels masked."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, pairs, length), generator=generator)
-    ids[1, :, :prompt] = ids[0, :, :prompt]
-    labels = ids.clone()
-    labels[:, :, :prompt] = IGNORE_INDEX
-    mask = torch.ones(pairs, length, dtype=torch.long)
-    batch = {"chosen_input_ids": ids[0], "rejected_input_ids": ids[1],
-             "chosen_attention_mask": mask, "rejected_attention_mask": mask.clone(),
-             "chosen_labels": labels[0], "rejected_labels": labels[1]}
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def dpo_step(cfg, pairs: int, length: int) -> dict:
-    """One DPO training step as the trainer takes it: the profile's model with LoRA, its
-    accelerator (mixed precision) and optimizer; the reference pass with adapters off, then the
-    policy pass over chosen and rejected together, the loss, backward, optimizer step."""
+    """One DPO training step as the trainer takes it, through its own functions: the profile's
+    model with LoRA, its accelerator (mixed precision) and optimizer; the reference log-probs
+    first, with adapters off (dpo_lib.reference, as the trainer computes them before training);
+    then dpo_lib.memory.trainer_step on ``pairs`` random pairs of ``length`` tokens (half prompt,
+    no padding: the worst case for memory): the policy pass, the loss, backward, optimizer step."""
     model = add_lora(load_model(cfg), cfg)
     accelerator = train_lib.make_accelerator(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = train_lib.make_optimizer(cfg, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = random_preference_batch(pairs, length, model.config.vocab_size,
-                                    prompt=length // 2, device=accelerator.device)
-    with reference_mode(model):
-        ref_chosen, ref_rejected, _, _ = train_lib.concatenated_logps(model, batch)
-    model.train()
-    chosen, rejected, _, _ = train_lib.concatenated_logps(model, batch)
-    losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta,
-                                   cfg.train.loss_type, cfg.train.label_smoothing)
-    loss = losses.mean()
-    accelerator.backward(loss)
-    grads = [p.grad for p in trainable if p.grad is not None]
+    examples = random_pair_examples(pairs, length, length // 2, model.config.vocab_size)
+    reference = precompute_reference_logps(model, examples, pairs, accelerator, use_adapter=False,
+                                           progress=False, shared=cfg.train.shared_prompt,
+                                           chunked=cfg.train.chunked_head)
     before = [p.detach().clone() for p in trainable]
-    optimizer.step()
+    losses, rows = trainer_step(model, optimizer, accelerator, examples, reference, cfg)
+    grads = [p.grad for p in trainable if p.grad is not None]
     moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, trainable))
-    return dict(loss=loss.item(), logps=(chosen.detach(), rejected.detach()), grads=grads,
-                trainable=len(trainable), moved=moved, model=model)
+    return dict(loss=losses.mean().item(), logps=(rows.chosen_logps, rows.rejected_logps),
+                grads=grads, trainable=len(trainable), moved=moved, model=model)
 
 
 def check_finite_step(step: dict) -> None:
@@ -142,7 +122,7 @@ def test_seed_recipe_dpo_step_fits_in_24_gb():
     step = dpo_step(cfg, pairs=cfg.train.batch_size, length=cfg.data.max_length)
     peak = torch.cuda.max_memory_allocated()
     predicted = estimate_memory("pythia-2.8b", lora_r=cfg.model.lora_r, batch=cfg.train.batch_size,
-                                seq_len=cfg.data.max_length,
+                                seq_len=cfg.data.max_length, prompt_len=cfg.data.max_length // 2,
                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                 compute_dtype=str(compute_dtype()).removeprefix("torch."))
     print(f"\npythia-2.8b DPO step on {torch.cuda.get_device_name(0)}: peak "
