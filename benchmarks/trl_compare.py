@@ -154,7 +154,8 @@ def prepare_pairs(args) -> Path:
     """Pick ``--pairs`` pairs that fit whole; write them as a jsonl of hh-rlhf rows."""
     from dpo_lib import packing
     from dpo_lib.batches import padding_report, tokenize_pairs
-    from dpo_lib.data import hh_rlhf_file, load_preference_pairs
+    from dpo_lib.data import load_preference_pairs
+    from dpo_lib.hub import hh_rlhf_file
     from dpo_lib.models import load_tokenizer
 
     tokenizer = load_tokenizer(MODELS.get(args.model, args.model))

@@ -21,7 +21,7 @@ import torch
 
 from .config import Config, require_device
 from .bundled import TINY_TOKENIZER_DIR
-from .data import HubUnavailableError, check_hub_reachable
+from .hub import HubUnavailableError, check_hub_reachable
 from .progress import quiet_transformers
 
 SMOLLM2 = "smollm2-135m-instruct"

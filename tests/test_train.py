@@ -449,7 +449,7 @@ def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
     assert reference.reference_cache_key(cfg, examples, None, "rev-a") != \
         reference.reference_cache_key(cfg, examples, None, "rev-b")
     versions = reference.library_versions()
-    monkeypatch.setattr(train_lib, "library_versions",
+    monkeypatch.setattr(reference, "library_versions",
                         lambda: {**versions, "transformers": transformers.__version__ + ".post1"})
     assert key(**{"train.mixed_precision": "no"}) != fp32
 
