@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
+from .sweep import RUN_FILES
 
-#: Files of a run folder worth keeping with a comparison: what made it and what it logged.
-RUN_LOGS = ("config.yaml", "metrics.jsonl", "reference_pass.json")
 
 
 def sign_test(a_right: torch.Tensor, b_right: torch.Tensor) -> tuple[int, int, float]:
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
         for name, folder in runs.items():
             target = args.out / name.lower()
             target.mkdir(exist_ok=True)
-            for file in RUN_LOGS:
+            for file in RUN_FILES:
                 if (folder / file).is_file():
                     shutil.copy2(folder / file, target / file)
         print(f"[compare] wrote {args.out / 'comparison.json'}")
