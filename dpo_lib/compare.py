@@ -217,6 +217,17 @@ def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> lis
     return rows
 
 
+def sweep_runs(cfg: Config, sweep_file) -> dict[str, Path]:
+    """Display name -> run folder for a sweep's runs (names upper-cased, ``dpo-s0`` ->
+    ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's start and reference."""
+    from .sweep import load_sweep, run_config
+
+    runs = {"SFT": RUNS_DIR / f"{cfg.profile}-sft"}
+    for name, overrides in load_sweep(sweep_file).items():
+        runs[name.upper()] = Path(run_config(cfg, name, overrides).train.output_dir)
+    return runs
+
+
 #: Requests in the style of hh-rlhf's red-teaming dialogues, asked of every model besides the
 #: held-out prompts (the first is the example of issue 17).
 PROBE_PROMPTS = (
@@ -248,11 +259,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     runs = {}
     if args.sweep is not None:
-        from .sweep import load_sweep, run_config
-
-        runs["SFT"] = RUNS_DIR / f"{cfg.profile}-sft"
-        for name, overrides in load_sweep(args.sweep).items():
-            runs[name.upper()] = Path(run_config(cfg, name, overrides).train.output_dir)
+        runs = sweep_runs(cfg, args.sweep)
         missing = [str(folder) for folder in runs.values()
                    if not (folder / "adapter" / "adapter_config.json").is_file()]
         if missing:
