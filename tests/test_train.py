@@ -198,6 +198,20 @@ def test_cli_with_overrides(tmp_path):
     assert bad.returncode != 0 and "sft_steps" in bad.stderr
 
 
+def test_cli_selects_the_new_losses(tmp_path):
+    sft = train_lib.train(tiny(tmp_path, "sft", sft_steps=1), progress=False)
+    for loss_type, extra in (("rpo", "rpo_alpha=0.5"), ("simpo", "simpo_gamma=0.3")):
+        out = tmp_path / loss_type
+        done = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "stage=preference",
+                        f"loss_type={loss_type}", extra, f"init_adapter={sft.output_dir}",
+                        f"output_dir={out}", "preference_steps=1", "train_limit=16",
+                        "test_limit=8", "eval_every=0", "save_every=0", "--no-progress"], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        saved = load_config(str(out / "config.yaml"))
+        assert saved.train.loss_type == loss_type
+        assert (out / "reference_pass.json").is_file() == (loss_type == "rpo")
+
+
 def test_two_processes_equal_one_with_double_accumulation(tmp_path):
     """torchrun, 2 processes on gloo, vs 1 process accumulating 2 micro-batches: same global
     batches, so the same loss curve (tolerance 1e-5; observed identical on CPU)."""
