@@ -136,7 +136,7 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``pairs``,
     ``seconds``. With ``judge > 0`` (bundled data: its checker knows every question), also
     ``judged``: each model's greedy answers to the first ``judge`` held-out prompts, the checker's
-    label of each, and :func:`good_answer_tests` against SFT. ``train_pairs``: the runs (and SFT)
+    label of each, the answers themselves, and :func:`good_answer_tests` against SFT. ``train_pairs``: the runs (and SFT)
     whose log-probs of the first ``cfg.data.train_limit`` training pairs go into ``training``
     (how each pair's answers moved in training: :mod:`dpo_lib.ches`).
     """
@@ -178,16 +178,18 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
         from .bundled import judge_response
 
         judged_prompts = [p["prompt"] for p in pairs[:judge]]
-        labels = {}
+        labels, texts_of = {}, {}
         for name in ["SFT", *[n for n in runs if n != "SFT"]]:
             with use(name) as active:
-                texts = generate_answers(active, tokenizer, judged_prompts, max_new_tokens)
-            labels[name] = [judge_response(q, t).label for q, t in zip(judged_prompts, texts)]
+                texts_of[name] = generate_answers(active, tokenizer, judged_prompts,
+                                                  max_new_tokens)
+            labels[name] = [judge_response(q, t).label
+                            for q, t in zip(judged_prompts, texts_of[name])]
             if progress:
                 print(f"[compare] {name}: {judge} answers judged "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
         result["judged"] = {"prompts": len(judged_prompts), "labels": labels,
-                            "sign_tests": good_answer_tests(labels)}
+                            "answers": texts_of, "sign_tests": good_answer_tests(labels)}
     if train_pairs:
         _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
         result["training"] = {"pairs": len(train_examples), "tables": {}}
@@ -275,7 +277,9 @@ def main(argv=None) -> int:
     unknown = [name for name in train_pairs if name not in runs]
     if unknown:
         parser.error(f"--train-pairs names runs that are not compared: {', '.join(unknown)}")
-    result = compare_runs(cfg, runs, args.pairs, args.answers, PROBE_PROMPTS, judge=args.judge,
+    # the probes are hh-rlhf-style requests: asked where the data is hh-rlhf
+    probes = () if cfg.data.source == "bundled" else PROBE_PROMPTS
+    result = compare_runs(cfg, runs, args.pairs, args.answers, probes, judge=args.judge,
                           train_pairs=train_pairs)
     result["command"] = "python -m dpo_lib.compare " + " ".join(argv or sys.argv[1:])
     print(json.dumps(result["accuracy"], indent=1))

@@ -62,7 +62,8 @@ def test_compare_command_in_tiny(tmp_path, monkeypatch):
     result = json.loads((out / "comparison.json").read_text())
     assert result["pairs"] == 12 and set(result["accuracy"]) == {"base", "SFT", "DPO"}
     assert result["accuracy"]["SFT"]["reward vs SFT"] == 0
-    assert len(result["answers"]) == 2 + len(compare.PROBE_PROMPTS)
+    assert len(result["answers"]) == 2          # bundled data: no hh-rlhf probes
+    assert len(result["judged"]["answers"]["DPO"]) == 3
     assert set(result["answers"][0]) == {"prompt", "base", "SFT", "DPO"}
     assert (out / "dpo" / "metrics.jsonl").is_file() and (out / "sft" / "config.yaml").is_file()
     assert {name: len(labels) for name, labels in result["judged"]["labels"].items()} == \
