@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 from .cli import command
-from .config import Config, load_config
+from .config import RUNS_DIR, Config, load_config
+from .sweep import RUN_FILES
 
-#: Files of a run folder worth keeping with a comparison: what made it and what it logged.
-RUN_LOGS = ("config.yaml", "metrics.jsonl", "reference_pass.json")
 
 
 def sign_test(a_right: torch.Tensor, b_right: torch.Tensor) -> tuple[int, int, float]:
@@ -128,18 +127,25 @@ def load_models(cfg: Config, runs: dict[str, Path]):
 
 def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
                  n_answers: int = 6, extra_prompts: tuple[str, ...] = (),
-                 max_new_tokens: int = 48, progress: bool = True) -> dict:
+                 max_new_tokens: int = 48, progress: bool = True, judge: int = 0,
+                 train_pairs: tuple[str, ...] = ()) -> dict:
     """Base model and every run on the held-out split of ``cfg``'s data.
 
     ``runs``: display name -> run folder, the SFT run first under the name ``"SFT"``. Returns a
     JSON-ready dict: ``accuracy`` (model -> scale -> share), ``sign_tests``, ``answers`` (greedy
     answers of every model to the first ``n_answers`` held-out prompts and ``extra_prompts``),
-    ``pairs``, ``seconds``.
+    ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``pairs``,
+    ``seconds``. With ``judge > 0`` (bundled data: its checker knows every question), also
+    ``judged``: each model's greedy answers to the first ``judge`` held-out prompts, the checker's
+    label of each, the answers themselves, and :func:`good_answer_tests` against SFT. ``train_pairs``: the runs (and SFT)
+    whose log-probs of the first ``cfg.data.train_limit`` training pairs go into ``training``
+    (how each pair's answers moved in training: :mod:`dpo_lib.ches`).
     """
     from .batches import tokenize_pairs
     from .data import ASSISTANT, HUMAN, load_split
     from .generate import generate_answers
     from .reference import precompute_reference_logps
+    from .train import load_examples
 
     if "SFT" not in runs:
         raise ValueError("compare_runs needs the SFT run under the name 'SFT' (the reference)")
@@ -147,11 +153,14 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     model, tokenizer, use = load_models(cfg, runs)
     pairs, report = load_split(cfg, "test", n_pairs)
     examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+
+    def log_probs(name, examples):
+        with use(name) as active:
+            return precompute_reference_logps(active, examples, cfg.train.eval_batch_size,
+                                              progress=False)
     tables = {}
     for name in ["base", *runs]:
-        with use(name) as active:
-            tables[name] = precompute_reference_logps(active, examples,
-                                                      cfg.train.eval_batch_size, progress=False)
+        tables[name] = log_probs(name, examples)
         if progress:
             print(f"[compare] {name}: log-probs of {len(examples)} held-out pairs "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -161,11 +170,67 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     for name in ["base", *runs]:
         with use(name) as active:
             answers[name] = generate_answers(active, tokenizer, prompts, max_new_tokens)
-    return {"source": str(cfg.data.source), "pairs": len(examples), "rows": dict(report),
-            "accuracy": accuracies(tables), "sign_tests": sign_tests(tables),
-            "answers": [{"prompt": prompt, **{name: answers[name][i] for name in answers}}
-                        for i, prompt in enumerate(prompts)],
-            "seconds": time.perf_counter() - started}
+    result = {"source": str(cfg.data.source), "pairs": len(examples), "rows": dict(report),
+              "accuracy": accuracies(tables), "sign_tests": sign_tests(tables),
+              "answers": [{"prompt": prompt, **{name: answers[name][i] for name in answers}}
+                          for i, prompt in enumerate(prompts)],
+              "tables": {name: {key: [round(v, 4) for v in values.tolist()]
+                                for key, values in table._asdict().items()}
+                         for name, table in tables.items()}}
+    if judge:
+        from .bundled import judge_response
+
+        judged_prompts = [p["prompt"] for p in pairs[:judge]]
+        labels, texts_of = {}, {}
+        for name in ["SFT", *[n for n in runs if n != "SFT"]]:
+            with use(name) as active:
+                texts_of[name] = generate_answers(active, tokenizer, judged_prompts,
+                                                  max_new_tokens)
+            labels[name] = [judge_response(q, t).label
+                            for q, t in zip(judged_prompts, texts_of[name])]
+            if progress:
+                print(f"[compare] {name}: {judge} answers judged "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+        result["judged"] = {"prompts": len(judged_prompts), "labels": labels,
+                            "answers": texts_of, "sign_tests": good_answer_tests(labels)}
+    if train_pairs:
+        _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
+        result["training"] = {"pairs": len(train_examples), "tables": {}}
+        for name in ["SFT", *[n for n in train_pairs if n != "SFT"]]:
+            table = log_probs(name, train_examples)
+            result["training"]["tables"][name] = {key: [round(v, 4) for v in values.tolist()]
+                                                  for key, values in table._asdict().items()}
+            if progress:
+                print(f"[compare] {name}: log-probs of {len(train_examples)} training pairs "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> list[dict]:
+    """Each model against ``against`` on the same prompts: prompts where only one of the two
+    answers is judged ``good``, and the sign test of that split (:func:`sign_test`)."""
+    reference = torch.tensor([label == "good" for label in labels[against]])
+    rows = []
+    for name, model_labels in labels.items():
+        if name == against:
+            continue
+        good = torch.tensor([label == "good" for label in model_labels])
+        wins, losses, p = sign_test(good, reference)
+        rows.append({"model": name, "good": int(good.sum()), "against_good": int(reference.sum()),
+                     "model_alone": wins, "against_alone": losses, "p": p})
+    return rows
+
+
+def sweep_runs(cfg: Config, sweep_file) -> dict[str, Path]:
+    """Display name -> run folder for a sweep's runs (names upper-cased, ``dpo-s0`` ->
+    ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's start and reference."""
+    from .sweep import load_sweep, run_config
+
+    runs = {"SFT": RUNS_DIR / f"{cfg.profile}-sft"}
+    for name, overrides in load_sweep(sweep_file).items():
+        runs[name.upper()] = Path(run_config(cfg, name, overrides).train.output_dir)
+    return runs
 
 
 #: Requests in the style of hh-rlhf's red-teaming dialogues, asked of every model besides the
@@ -182,8 +247,16 @@ def main(argv=None) -> int:
         prog="dpo-compare",
         description="Compare the base model and trained runs on the config's held-out pairs.")
     parser.add_argument("config", help="profile or recipe whose data and model the runs used")
-    parser.add_argument("runs", nargs="+", metavar="name=RUN_DIR",
+    parser.add_argument("runs", nargs="*", metavar="name=RUN_DIR",
                         help="runs to compare; the SFT run as sft=... (the reference)")
+    parser.add_argument("--sweep", type=Path, default=None,
+                        help="a sweep file: its runs (runs/<profile>-sweep-<name>) and the "
+                             "profile's SFT run, besides any name=RUN_DIR")
+    parser.add_argument("--judge", type=int, default=0,
+                        help="bundled data: judge the greedy answers to this many held-out prompts")
+    parser.add_argument("--train-pairs", default="",
+                        help="comma-separated run names whose log-probs of the training pairs "
+                             "are kept (with SFT's): how each pair moved in training")
     parser.add_argument("--pairs", type=int, default=None, help="held-out pairs (default: all)")
     parser.add_argument("--answers", type=int, default=6, help="held-out prompts to answer")
     parser.add_argument("--out", type=Path, default=None,
@@ -191,6 +264,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     runs = {}
+    if args.sweep is not None:
+        runs = sweep_runs(cfg, args.sweep)
+        missing = [str(folder) for folder in runs.values()
+                   if not (folder / "adapter" / "adapter_config.json").is_file()]
+        if missing:
+            parser.error(f"no trained adapter in {', '.join(missing)}: run the sweep first")
     for item in args.runs:
         name, _, folder = item.partition("=")
         if not folder or not (Path(folder) / "adapter" / "adapter_config.json").is_file():
@@ -198,7 +277,14 @@ def main(argv=None) -> int:
         runs["SFT" if name.lower() == "sft" else name.upper()] = Path(folder)
     if "SFT" not in runs:
         parser.error("name the SFT run sft=RUN_DIR: it is the reference of the rewards")
-    result = compare_runs(cfg, runs, args.pairs, args.answers, PROBE_PROMPTS)
+    train_pairs = tuple(name.strip().upper() for name in args.train_pairs.split(",") if name.strip())
+    unknown = [name for name in train_pairs if name not in runs]
+    if unknown:
+        parser.error(f"--train-pairs names runs that are not compared: {', '.join(unknown)}")
+    # the probes are hh-rlhf-style requests: asked where the data is hh-rlhf
+    probes = () if cfg.data.source == "bundled" else PROBE_PROMPTS
+    result = compare_runs(cfg, runs, args.pairs, args.answers, probes, judge=args.judge,
+                          train_pairs=train_pairs)
     result["command"] = "python -m dpo_lib.compare " + " ".join(argv or sys.argv[1:])
     print(json.dumps(result["accuracy"], indent=1))
     if args.out:
@@ -207,7 +293,7 @@ def main(argv=None) -> int:
         for name, folder in runs.items():
             target = args.out / name.lower()
             target.mkdir(exist_ok=True)
-            for file in RUN_LOGS:
+            for file in RUN_FILES:
                 if (folder / file).is_file():
                     shutil.copy2(folder / file, target / file)
         print(f"[compare] wrote {args.out / 'comparison.json'}")

@@ -90,16 +90,23 @@ class DataSettings:
     test_limit: Optional[int] = _key(64, "held-out pairs read for the in-run evaluation (null: all)")
     max_length: int = _key(128, "tokens of prompt + answer; longer pairs are truncated")
     max_prompt_length: int = _key(96, "tokens the prompt keeps (its end) when a pair is too long")
+    pair_filter: Optional[str] = _key(None, "preference stage: null | ches | random: drop a share "
+                                      "of the training pairs first")
+    pair_filter_share: float = _key(0.0, "that share: ches drops the highest CHES scores "
+                                    "(dpo_lib.ches), random a seeded draw")
 
 
 @dataclass
 class TrainSettings:
     stage: str = _key("sft", "sft | preference")
-    loss_type: str = _key("dpo", "dpo | cdpo | ipo (preference stage; dpo_lib.losses)")
+    loss_type: str = _key("dpo", "dpo | cdpo | ipo | rpo | simpo (preference stage; dpo_lib.losses)")
     beta: float = _key(0.1, "DPO's beta; IPO's tau")
     label_smoothing: float = _key(0.0, "cdpo's eps")
-    average_logps: Optional[bool] = _key(None, "null: the loss's default (summed for dpo/cdpo, "
-                                         "token mean for ipo)")
+    rpo_alpha: float = _key(1.0, "rpo: weight of the chosen answer's per-token NLL added to DPO")
+    simpo_gamma: float = _key(0.5, "simpo: target margin of the token-mean rewards "
+                              "(beta x mean log-prob)")
+    average_logps: Optional[bool] = _key(None, "null: the loss's default (summed for dpo/cdpo/rpo, "
+                                         "token mean for ipo/simpo)")
     init_adapter: Optional[str] = _key(None, "preference stage: an SFT run's folder; its adapter "
                                        "is the start and the reference (null: the base model)")
     batch_size: int = _key(8, "pairs (or SFT examples) per micro-batch")

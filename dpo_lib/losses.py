@@ -1,4 +1,4 @@
-"""Preference losses (DPO, conservative DPO, IPO) and the logged metrics.
+"""Preference losses (DPO, conservative DPO, IPO, RPO, SimPO) and the logged metrics.
 
 Notation: for a pair (chosen ``w``, rejected ``l``) the *log-ratio margin* is
 
@@ -12,11 +12,20 @@ loss_type    per-pair loss                                                      
 ``dpo``      ``-log sigmoid(beta h)``                                           none (h -> inf)
 ``cdpo``     ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``      beta h = log((1-eps)/eps)
 ``ipo``      ``(h - 1 / (2 beta))^2``  (``beta`` plays the IPO paper's ``tau``)  h = 1 / (2 beta)
+``rpo``      ``-log sigmoid(beta h) - alpha * mean_t log pi(w_t)``               none
+``simpo``    ``-log sigmoid(beta (mean_t log pi(w_t) - mean_t log pi(l_t)) - gamma)``  none
 ===========  =================================================================  ==============
 
-Log-prob aggregation: DPO and cDPO use *summed* response log-probs (:mod:`dpo_lib.logps`,
-``average=False``); IPO uses the *token mean* by default (``average=True``), as its authors'
-implementation and TRL do, so that ``1 / (2 beta)`` is a per-token target. :func:`default_average`
+``rpo`` (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
+``loss_type=["sigmoid", "sft"]``) adds to DPO the chosen answer's negative log-likelihood per token,
+weighted by ``alpha`` (``train.rpo_alpha``): a pull on ``log pi(w)`` that DPO's margin alone does
+not have. ``simpo`` (Meng et al. 2024) has no reference model: the reward is ``beta`` times the
+token-mean log-prob and the pair must be won by a margin ``gamma`` (``train.simpo_gamma``).
+
+Log-prob aggregation: DPO, cDPO and RPO use *summed* response log-probs (:mod:`dpo_lib.logps`,
+``average=False``); IPO and SimPO use the *token mean* by default (``average=True``), as their
+authors' implementations and TRL do, so that ``1 / (2 beta)`` and ``gamma`` are per-token targets.
+:func:`default_average`
 says which, and :func:`preference_metrics` records the choice under ``logps/token_averaged``.
 
 Non-finite inputs are not checked here (that is a per-step check for the trainer); a NaN log-prob
@@ -27,13 +36,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "cdpo", "ipo")
+LOSS_TYPES = ("dpo", "cdpo", "ipo", "rpo", "simpo")
+#: Loss types that use no reference model (the trainer skips the reference pass for them).
+REFERENCE_FREE = ("simpo",)
 
 
 def default_average(loss_type: str) -> bool:
-    """Whether ``loss_type`` uses token-averaged log-probs by default: True for ``ipo`` only."""
+    """Whether ``loss_type`` uses token-averaged log-probs by default: True for ``ipo`` and
+    ``simpo``."""
     _check_loss_type(loss_type)
-    return loss_type == "ipo"
+    return loss_type in ("ipo", "simpo")
 
 
 def _check_loss_type(loss_type: str) -> None:
@@ -46,12 +58,15 @@ def _check_loss_type(loss_type: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                    reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                    reference_chosen_logps: torch.Tensor | None,
+                    reference_rejected_logps: torch.Tensor | None,
                     beta: float | torch.Tensor, loss_type: str = "dpo",
-                    label_smoothing: float = 0.0):
+                    label_smoothing: float = 0.0, *,
+                    chosen_token_mean_logps: torch.Tensor | None = None,
+                    rpo_alpha: float = 1.0, simpo_gamma: float = 0.5):
     """Per-pair preference losses and implicit rewards.
 
-    All four log-prob tensors have the same shape ``[...]`` (usually ``[B]``, one value per pair);
+    All log-prob tensors have the same shape ``[...]`` (usually ``[B]``, one value per pair);
     ``beta`` is a float or a tensor that broadcasts against them (e.g. one beta per row).
 
     With ``h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)``:
@@ -59,12 +74,17 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     * ``dpo``:  ``-log sigmoid(beta h)`` (``label_smoothing`` must be 0; use ``cdpo``);
     * ``cdpo``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``, ``eps =
       label_smoothing`` in ``[0, 0.5)``: DPO against labels flipped with probability eps;
-    * ``ipo``:  ``(h - 1 / (2 beta))^2``, beta in the role of the IPO paper's tau.
+    * ``ipo``:  ``(h - 1 / (2 beta))^2``, beta in the role of the IPO paper's tau;
+    * ``rpo``:  ``-log sigmoid(beta h) + rpo_alpha * nll``, ``nll = -chosen_token_mean_logps``,
+      the chosen answer's negative log-likelihood per token (Pang et al. 2024, Eq. 3; needs
+      ``chosen_token_mean_logps [...]``, with the graph, whatever the aggregation of the others);
+    * ``simpo``: ``-log sigmoid(beta (policy_chosen - policy_rejected) - simpo_gamma)``: no
+      reference (pass ``None``); the log-probs should be token means (Meng et al. 2024).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each of the broadcast shape ``[...]``;
-        ``losses`` keeps the graph, the rewards ``beta * (policy - reference)`` are detached
-        (they are for logging).
+        ``losses`` keeps the graph, the rewards are detached (they are for logging):
+        ``beta * (policy - reference)``, for ``simpo`` ``beta * policy`` (its own reward).
     """
     _check_loss_type(loss_type)
     if loss_type != "cdpo" and label_smoothing != 0.0:
@@ -76,17 +96,31 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
             raise ValueError("beta must be positive")
     elif not beta > 0:
         raise ValueError(f"beta must be positive; got {beta}")
+    if loss_type == "rpo":
+        if chosen_token_mean_logps is None:
+            raise ValueError("loss_type='rpo' needs chosen_token_mean_logps (its NLL term)")
+        if not rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha must be >= 0; got {rpo_alpha}")
 
-    chosen_logratio = policy_chosen_logps - reference_chosen_logps
-    rejected_logratio = policy_rejected_logps - reference_rejected_logps
+    if loss_type in REFERENCE_FREE:
+        chosen_logratio, rejected_logratio = policy_chosen_logps, policy_rejected_logps
+    else:
+        if reference_chosen_logps is None or reference_rejected_logps is None:
+            raise ValueError(f"loss_type={loss_type!r} needs the reference log-probs")
+        chosen_logratio = policy_chosen_logps - reference_chosen_logps
+        rejected_logratio = policy_rejected_logps - reference_rejected_logps
     h = chosen_logratio - rejected_logratio
     if loss_type == "dpo":
         losses = -F.logsigmoid(beta * h)
     elif loss_type == "cdpo":
         eps = label_smoothing
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    else:
+    elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "rpo":
+        losses = -F.logsigmoid(beta * h) - rpo_alpha * chosen_token_mean_logps
+    else:  # simpo
+        losses = -F.logsigmoid(beta * h - simpo_gamma)
     chosen_rewards = (beta * chosen_logratio).detach()
     rejected_rewards = (beta * rejected_logratio).detach()
     return losses, chosen_rewards, rejected_rewards

@@ -1,7 +1,7 @@
 """One micro-batch of the trainer, and held-out evaluation: the functions the training loop, the
 benchmarks and the GPU tests all call.
 
-:func:`preference_step_outputs` is a DPO/cDPO/IPO step without the optimizer: policy log-probs
+:func:`preference_step_outputs` is a DPO/cDPO/IPO/RPO/SimPO step without the optimizer: policy log-probs
 (:func:`dpo_lib.forward.pair_logps`), the cached reference's (:mod:`dpo_lib.reference`), the loss
 (:func:`dpo_lib.losses.preference_loss`) and a :class:`PreferenceRows` of what is logged.
 :func:`dpo_lib.forward.sft_nll` is the SFT stage's. :func:`evaluate` runs either over held-out pairs.
@@ -15,7 +15,7 @@ import torch
 from .config import Config
 from .forward import pair_logps, pass_over_pairs
 from .logps import PairLogps
-from .losses import default_average, preference_loss, preference_metrics
+from .losses import REFERENCE_FREE, default_average, preference_loss, preference_metrics
 from .reference import reference_logps
 
 
@@ -52,18 +52,22 @@ def average_logps(cfg: Config) -> bool:
     return default_average(cfg.train.loss_type) if setting is None else bool(setting)
 
 
-def preference_step_outputs(model, batch, reference: PairLogps, indices,
+def preference_step_outputs(model, batch, reference: PairLogps | dict, indices,
                             cfg: Config) -> tuple[torch.Tensor, PreferenceRows]:
     """Losses ``[B]`` (with the graph) and the logged :class:`PreferenceRows` of one micro-batch
     of pairs (``batch`` from :func:`dpo_lib.forward.collate_pairs`, ``indices`` its examples'
-    positions in ``reference``)."""
-    average = average_logps(cfg)
-    chosen, rejected = pair_logps(model, batch, cfg.train.chunked_head).logps(average)
-    ref_chosen, ref_rejected = (t.to(chosen.device) for t in reference_logps(reference, indices,
-                                                                             average))
+    positions in ``reference``; ``{}`` for a reference-free loss, simpo)."""
+    average, loss_type = average_logps(cfg), cfg.train.loss_type
+    policy = pair_logps(model, batch, cfg.train.chunked_head)
+    chosen, rejected = policy.logps(average)
+    ref_chosen = ref_rejected = None
+    if loss_type not in REFERENCE_FREE:
+        ref_chosen, ref_rejected = (t.to(chosen.device) for t in reference_logps(reference, indices,
+                                                                                 average))
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta, cfg.train.loss_type,
-        cfg.train.label_smoothing)
+        chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta, loss_type,
+        cfg.train.label_smoothing, chosen_token_mean_logps=policy.logps(average=True)[0],
+        rpo_alpha=cfg.train.rpo_alpha, simpo_gamma=cfg.train.simpo_gamma)
     return losses, PreferenceRows(losses.detach(), chosen_rewards, rejected_rewards,
                                   chosen.detach(), rejected.detach())
 

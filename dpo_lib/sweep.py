@@ -8,7 +8,7 @@ runs from one SFT model share its cached reference pass::
     python -m dpo_lib.sweep configs/sweeps/reward_curves.yaml --profile cpu \\
         --out data/example-runs/cpu
 
-``--out`` copies each run's ``metrics.jsonl`` and ``config.yaml`` (a few kB) to ``OUT/<name>/``:
+``--out`` copies each run's logs (:data:`RUN_FILES`, a few kB) to ``OUT/<name>/``:
 that is how the example logs that notebook 07 reads in the ``cpu`` profile were made.
 """
 from __future__ import annotations
@@ -21,6 +21,10 @@ import yaml
 
 from .cli import command
 from .config import RUNS_DIR, Config, load_config
+
+#: What ``--out`` copies of a run folder (a few kB): its config, logs, timings, filtered pairs.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "reference_pass.json", "run_time.json",
+             "pair_filter.json")
 
 
 def load_sweep(path) -> dict[str, dict]:
@@ -66,8 +70,9 @@ def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True) -> d
         if out_dir is not None:
             target = Path(out_dir) / name
             target.mkdir(parents=True, exist_ok=True)
-            for file in ("metrics.jsonl", "config.yaml"):
-                shutil.copy(folders[name] / file, target / file)
+            for file in RUN_FILES:
+                if (folders[name] / file).is_file():
+                    shutil.copy(folders[name] / file, target / file)
     return folders
 
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import LOSS_TYPES, preference_loss
+from .losses import preference_loss
+
+#: The losses defined on a margin alone (rpo and simpo also need per-token log-probs).
+TOY_LOSS_TYPES = ("dpo", "cdpo", "ipo")
 
 ACTION_NAMES = "abcdefgh"
 
@@ -176,8 +179,9 @@ def train_toy(pairs: torch.Tensor, taus, loss_types=("dpo", "ipo"), seeds: int =
     CPU thread (restored afterwards); 18,000 steps of 2 x 4 x 10 policies take seconds.
     """
     for loss_type in loss_types:
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if loss_type not in TOY_LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r} has no toy form (rpo and simpo need answer "
+                             f"lengths); valid: {', '.join(TOY_LOSS_TYPES)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)              # tensors of a few hundred numbers: threads only cost
     try:

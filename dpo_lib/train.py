@@ -31,6 +31,7 @@ from .cli import command
 from .batches import (batch_indices, collate_sft, real_tokens, sft_examples,
                       tokenize_pairs)
 from .config import Config, load_config, mixed_precision, require_device
+from .losses import REFERENCE_FREE
 from .forward import collate_pairs, pad_id, sft_nll, to_device
 from .logps import answer_counts
 from .reference import (model_revision, precompute_reference_logps, reference_cache_key,
@@ -143,6 +144,7 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     from .progress import tqdm
     from transformers import get_scheduler
 
+    run_started = time.perf_counter()
     stage = cfg.train.stage
     if stage not in ("sft", "preference"):
         raise ValueError(f"train.stage={stage!r}: choose sft or preference")
@@ -163,10 +165,15 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     _, eval_examples, _ = load_examples(cfg, tokenizer, "test", cfg.data.test_limit)
     if stage == "sft":
         train_examples = sft_examples(train_examples)
+    elif cfg.data.pair_filter:
+        train_examples = filter_training_pairs(model, train_examples, cfg, folder, accelerator,
+                                               progress)
     total_steps = cfg.train.sft_steps if stage == "sft" else cfg.train.preference_steps
 
     reference = eval_reference = None
-    if stage == "preference":
+    if stage == "preference" and cfg.train.loss_type in REFERENCE_FREE:
+        reference = eval_reference = {}      # simpo: no reference pass ({}: still a preference run)
+    elif stage == "preference":
         cache_root = reference_cache_root()
         timing = {}
         for name, examples in (("train", train_examples), ("eval", eval_examples)):
@@ -301,6 +308,11 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder / "adapter")
         tokenizer.save_pretrained(folder / "adapter")
+        # the whole call: loading, filtering, reference pass, steps, evaluations (metrics.jsonl
+        # has the steps alone: step_seconds)
+        (folder / "run_time.json").write_text(json.dumps(
+            {"wall_seconds": time.perf_counter() - run_started, "steps": total_steps,
+             "resumed_from_step": start_step}) + "\n")
     accelerator.wait_for_everyone()
     result = RunResult(folder, read_metrics(folder) if accelerator.is_main_process else [])
     if keep_model:
@@ -311,6 +323,31 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     accelerator.free_memory()
     accelerator.end_training()
     return result
+
+
+def filter_training_pairs(model, examples, cfg: Config, folder: Path, accelerator,
+                          progress: bool = True) -> list:
+    """The training pairs left after ``data.pair_filter`` (``ches`` or ``random``) drops
+    ``data.pair_filter_share`` of them, scored with the model training starts from
+    (:mod:`dpo_lib.ches`). Writes ``pair_filter.json`` (every pair's scores, the dropped indices)
+    into the run folder."""
+    from . import ches
+
+    how, share = cfg.data.pair_filter, float(cfg.data.pair_filter_share)
+    scores = None
+    if how == "ches":
+        sums = ches.answer_hidden_sums(accelerator.unwrap_model(model), examples,
+                                       cfg.train.eval_batch_size, pad_id(model), progress)
+        scores = ches.ches_scores(**sums)
+    kept = ches.filter_pairs(len(examples), share, how,
+                             None if scores is None else scores[ches.FILTER_SCORE], cfg.seed)
+    if accelerator.is_main_process:
+        record = {"pair_filter": how, "share": share, "pool": len(examples), "kept": len(kept),
+                  "dropped": sorted(set(range(len(examples))) - set(kept)),
+                  "score": ches.FILTER_SCORE if scores is not None else None,
+                  **({name: values.tolist() for name, values in scores.items()} if scores else {})}
+        (folder / "pair_filter.json").write_text(json.dumps(record) + "\n")
+    return [examples[i] for i in kept]
 
 
 def sft_step_tokens(batches, accelerator) -> int:

@@ -58,12 +58,33 @@ def test_compare_command_in_tiny(tmp_path, monkeypatch):
     train_lib.train(dpo, progress=False)
     out = tmp_path / "out"
     assert compare.main(["tiny", f"sft={tmp_path / 'sft'}", f"dpo={tmp_path / 'dpo'}",
-                         "--pairs", "12", "--answers", "2", "--out", str(out)]) == 0
+                         "--pairs", "12", "--answers", "2", "--out", str(out), "--judge", "3",
+                         "--train-pairs", "dpo"]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert result["pairs"] == 12 and set(result["accuracy"]) == {"base", "SFT", "DPO"}
     assert result["accuracy"]["SFT"]["reward vs SFT"] == 0
-    assert len(result["answers"]) == 2 + len(compare.PROBE_PROMPTS)
+    assert len(result["answers"]) == 2          # bundled data: no hh-rlhf probes
+    assert len(result["judged"]["answers"]["DPO"]) == 3
     assert set(result["answers"][0]) == {"prompt", "base", "SFT", "DPO"}
     assert (out / "dpo" / "metrics.jsonl").is_file() and (out / "sft" / "config.yaml").is_file()
+    assert {name: len(labels) for name, labels in result["judged"]["labels"].items()} == \
+        {"SFT": 3, "DPO": 3}
+    assert [row["model"] for row in result["judged"]["sign_tests"]] == ["DPO"]
+    training = result["training"]
+    assert set(training["tables"]) == {"SFT", "DPO"}
+    assert len(training["tables"]["DPO"]["chosen_sums"]) == training["pairs"] == \
+        load_config("tiny").data.train_limit
+    assert len(result["tables"]["DPO"]["chosen_sums"]) == 12
+    with pytest.raises(SystemExit):
+        compare.main(["tiny", f"sft={tmp_path / 'sft'}", "--train-pairs", "ipo"])
     with pytest.raises(SystemExit):
         compare.main(["tiny", f"dpo={tmp_path / 'dpo'}"])              # no SFT run named
+
+
+def test_good_answer_tests_by_hand():
+    labels = {"SFT": ["good", "wrong", "good", "rude", "good"],
+              "DPO": ["good", "good", "wrong", "good", "good"]}
+    (row,) = compare.good_answer_tests(labels)
+    assert (row["good"], row["against_good"]) == (4, 3)
+    assert (row["model_alone"], row["against_alone"]) == (2, 1)      # prompts 1, 3 vs prompt 2
+    assert row["p"] == compare.sign_test_p(2, 1)

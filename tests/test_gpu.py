@@ -15,6 +15,7 @@ from dpo_lib.config import load_config
 from dpo_lib.memory import random_pair_examples, trainer_step
 from dpo_lib.models import add_lora, compute_dtype, load_model
 from dpo_lib.reference import precompute_reference_logps
+from dpo_lib.runs import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -146,7 +147,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
         "train.sft_steps": 4, "train.save_every": 2, "train.eval_every": 0,
         "train.warmup_steps": 0, "train.lr_scheduler": "linear", "data.train_limit": 32,
         "data.test_limit": 8, "train.output_dir": str(tmp_path / "plain")})
-    plain = train_lib.read_metrics(train_lib.train(cfg, progress=False).output_dir)
+    plain = read_metrics(train_lib.train(cfg, progress=False).output_dir)
     original, calls = train_lib.sft_nll, []
 
     def inf_gradients_at_step_1(model, batch, *rest):
@@ -158,7 +159,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
 
     monkeypatch.setattr(train_lib, "sft_nll", inf_gradients_at_step_1)
     run = tmp_path / "skip"
-    skip = train_lib.read_metrics(train_lib.train(
+    skip = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
     assert skip[0]["lr"] == pytest.approx(cfg.train.learning_rate)      # the schedule waited
     assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
@@ -167,7 +168,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
     monkeypatch.setattr(train_lib, "sft_nll", original)
     shutil.rmtree(run / "checkpoint-4")
     shutil.rmtree(run / "adapter")
-    resumed = train_lib.read_metrics(train_lib.train(
+    resumed = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run), "train.resume": True}),
         progress=False).output_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -250,6 +251,6 @@ def test_gpu_smoke_model_and_data_fit_on_cpu(tmp_path):
         "train.sft_steps": 2, "train.eval_every": 2, "train.save_every": 0,
         "data.train_limit": 8, "data.test_limit": 4, "train.output_dir": str(tmp_path / "sft")})
     result = train_lib.train(cfg, progress=False)
-    rows = train_lib.read_metrics(result.output_dir)
+    rows = read_metrics(result.output_dir)
     losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

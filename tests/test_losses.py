@@ -94,7 +94,7 @@ def test_beta_can_be_a_tensor_per_row():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="dpo, cdpo, ipo"):
+    with pytest.raises(ValueError, match="dpo, cdpo, ipo, rpo, simpo"):
         preference_loss(*_pair(), beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="cdpo"):
         preference_loss(*_pair(), beta=0.1, loss_type="dpo", label_smoothing=0.1)
@@ -103,6 +103,11 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="positive"):
         preference_loss(*_pair(), beta=0.0, loss_type="ipo")
     assert losses.default_average("ipo") and not losses.default_average("dpo")
+    assert losses.default_average("simpo") and not losses.default_average("rpo")
+    with pytest.raises(ValueError, match="chosen_token_mean_logps"):
+        preference_loss(*_pair(), beta=0.1, loss_type="rpo")
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss(_pair()[0], _pair()[1], None, None, beta=0.1, loss_type="dpo")
 
 
 def test_rewards_are_detached_and_loss_keeps_graph():
@@ -200,3 +205,59 @@ def test_preference_metrics_names_and_values():
         "logps/rejected": -17.0, "logps/token_averaged": 0.0})
     assert "eval_rewards/margins" in preference_metrics(losses_, chosen, rejected, chosen,
                                                         rejected, average=True, prefix="eval_")
+
+
+# rpo: the default pair (h = 1) with the chosen answer's token-mean log-prob -0.25
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_rpo_is_dpo_plus_alpha_times_the_chosen_nll_per_token(alpha):
+    beta, mean = 0.5, torch.tensor([-0.25], dtype=torch.float64)
+    loss, chosen, rejected = preference_loss(*_pair(), beta=beta, loss_type="rpo",
+                                             chosen_token_mean_logps=mean, rpo_alpha=alpha)
+    assert loss.item() == pytest.approx(-math.log(_sigmoid(beta * 1.0)) + alpha * 0.25, rel=1e-12)
+    assert chosen.item() == pytest.approx(beta * 0.5) and rejected.item() == pytest.approx(-beta * 0.5)
+
+
+# simpo: token means -1.0 (chosen) and -2.0 (rejected); no reference
+def test_simpo_matches_hand_value_and_needs_no_reference():
+    beta, gamma = 2.0, 0.5
+    chosen_mean, rejected_mean = _pair()[:2]
+    loss, chosen, rejected = preference_loss(chosen_mean, rejected_mean, None, None, beta=beta,
+                                             loss_type="simpo", simpo_gamma=gamma)
+    assert loss.item() == pytest.approx(-math.log(_sigmoid(beta * 1.0 - gamma)), rel=1e-12)
+    assert chosen.item() == pytest.approx(-2.0) and rejected.item() == pytest.approx(-4.0)
+    # a reference, if given, changes nothing
+    with_reference, _, _ = preference_loss(*_pair(), beta=beta, loss_type="simpo",
+                                           simpo_gamma=gamma)
+    assert with_reference.item() == loss.item()
+
+
+def test_rpo_and_simpo_gradients_match_formula_and_finite_differences():
+    beta, alpha, gamma = 0.7, 0.3, 0.4
+    torch.manual_seed(1)
+    values = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    # rows: policy chosen, policy rejected, reference chosen, reference rejected, chosen token mean
+    rpo, _, _ = preference_loss(*values[:4], beta=beta, loss_type="rpo",
+                                chosen_token_mean_logps=values[4], rpo_alpha=alpha)
+    simpo, _, _ = preference_loss(values[0], values[1], None, None, beta=beta, loss_type="simpo",
+                                  simpo_gamma=gamma)
+    grad_rpo = torch.autograd.grad(rpo.sum(), values)[0]
+    grad_simpo = torch.autograd.grad(simpo.sum(), values)[0]
+    with torch.no_grad():
+        h = (values[0] - values[2]) - (values[1] - values[3])
+        d_rpo = -beta * torch.sigmoid(-beta * h)
+        d_simpo = -beta * torch.sigmoid(-(beta * (values[0] - values[1]) - gamma))
+    for row, sign in zip(range(4), (1, -1, -1, 1)):
+        assert torch.allclose(grad_rpo[row], sign * d_rpo, atol=1e-12)
+    assert torch.allclose(grad_rpo[4], torch.full((6,), -alpha, dtype=torch.float64))
+    assert torch.allclose(grad_simpo[0], d_simpo, atol=1e-12)
+    assert torch.allclose(grad_simpo[1], -d_simpo, atol=1e-12)
+    step, base = 1e-6, values.detach().clone()
+
+    def f(v):
+        return preference_loss(v[0], v[1], None, None, beta=beta, loss_type="simpo",
+                               simpo_gamma=gamma)[0].sum().item()
+    for k in range(6):
+        plus, minus = base.clone(), base.clone()
+        plus[0, k] += step
+        minus[0, k] -= step
+        assert (f(plus) - f(minus)) / (2 * step) == pytest.approx(grad_simpo[0, k].item(), abs=1e-7)

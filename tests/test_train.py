@@ -30,7 +30,8 @@ def losses(result, key="loss"):
 
 
 @pytest.mark.parametrize("stage, loss_type", [("sft", "dpo"), ("preference", "dpo"),
-                                               ("preference", "ipo")])
+                                               ("preference", "ipo"), ("preference", "rpo"),
+                                               ("preference", "simpo")])
 def test_loss_decreases_on_a_repeated_batch(tmp_path, stage, loss_type):
     cfg = tiny(tmp_path, "run", stage=stage, loss_type=loss_type, train_limit=8,
                sft_steps=12, preference_steps=12, learning_rate=3e-3, warmup_steps=0,
@@ -196,6 +197,20 @@ def test_cli_with_overrides(tmp_path):
     assert len([r for r in runs.read_metrics(out) if "loss" in r]) == 2
     bad = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "sft_stepz=2"], tmp_path)
     assert bad.returncode != 0 and "sft_steps" in bad.stderr
+
+
+def test_cli_selects_the_new_losses(tmp_path):
+    sft = train_lib.train(tiny(tmp_path, "sft", sft_steps=1), progress=False)
+    for loss_type, extra in (("rpo", "rpo_alpha=0.5"), ("simpo", "simpo_gamma=0.3")):
+        out = tmp_path / loss_type
+        done = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "stage=preference",
+                        f"loss_type={loss_type}", extra, f"init_adapter={sft.output_dir}",
+                        f"output_dir={out}", "preference_steps=1", "train_limit=16",
+                        "test_limit=8", "eval_every=0", "save_every=0", "--no-progress"], tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        saved = load_config(str(out / "config.yaml"))
+        assert saved.train.loss_type == loss_type
+        assert (out / "reference_pass.json").is_file() == (loss_type == "rpo")
 
 
 def test_two_processes_equal_one_with_double_accumulation(tmp_path):
@@ -486,3 +501,56 @@ def test_model_revision_of_a_local_folder_changes_with_its_files(tmp_path):
     config["layer_norm_eps"] = 1e-6
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert reference.model_revision(model) != first
+
+
+def test_simpo_runs_without_a_reference_pass(tmp_path, monkeypatch):
+    def no_reference(*args, **kwargs):
+        raise AssertionError("simpo asked for a reference pass")
+    monkeypatch.setattr(train_lib, "precompute_reference_logps", no_reference)
+    result = train_lib.train(tiny(tmp_path, "simpo", stage="preference", loss_type="simpo",
+                                  preference_steps=2, eval_every=2, beta=2.0, simpo_gamma=1.0),
+                             progress=False)
+    first = [m for m in result.metrics if "loss" in m][0]
+    last_eval = [m for m in result.metrics if "eval/loss" in m][-1]
+    # rewards are beta x token-mean log-probs, the loss -log sigmoid(margin - gamma)
+    assert first["rewards/chosen"] == pytest.approx(2.0 * first["logps/chosen"], rel=1e-5)
+    assert first["logps/token_averaged"] == 1.0 and "eval/rewards/accuracies" in last_eval
+    assert not (result.output_dir / "reference_pass.json").exists()
+
+
+def test_rpo_adds_the_chosen_nll_to_dpo(tmp_path):
+    dpo = train_lib.train(tiny(tmp_path, "dpo", stage="preference", preference_steps=1),
+                          progress=False).metrics[0]
+    rpo = train_lib.train(tiny(tmp_path, "rpo", stage="preference", loss_type="rpo",
+                               rpo_alpha=0.5, preference_steps=1), progress=False).metrics[0]
+    assert dpo["loss"] == pytest.approx(0.6931, abs=1e-4)      # both start at the reference
+    assert rpo["logps/chosen"] == pytest.approx(dpo["logps/chosen"], rel=1e-6)
+    # the added term is 0.5 x the batch mean of the chosen answers' NLL per token: positive
+    assert rpo["loss"] > dpo["loss"] + 0.5
+
+
+@pytest.mark.parametrize("how", ["ches", "random"])
+def test_pair_filter_drops_its_share_before_the_reference_pass(tmp_path, monkeypatch, how):
+    from dpo_lib import ches
+
+    seen = []
+    original = train_lib.precompute_reference_logps
+
+    def counting(model, examples, *args, **kwargs):
+        seen.append(len(examples))
+        return original(model, examples, *args, **kwargs)
+    monkeypatch.setattr(train_lib, "precompute_reference_logps", counting)
+    cfg = tiny(tmp_path, how, stage="preference", preference_steps=1, train_limit=40,
+               pair_filter=how, pair_filter_share=0.2)
+    result = train_lib.train(cfg, progress=False)
+    record = json.loads((result.output_dir / "pair_filter.json").read_text())
+    assert record["pool"] == 40 and record["kept"] == 32 and len(record["dropped"]) == 8
+    assert seen[0] == 32                                    # the reference pass: kept pairs only
+    if how == "ches":
+        scores = torch.tensor(record[ches.FILTER_SCORE])
+        assert set(record["dropped"]) == set(scores.argsort(descending=True)[:8].tolist())
+    else:                                                   # seeded: the same draw again
+        again = train_lib.train(cfg.with_overrides({"output_dir": str(tmp_path / "again")}),
+                                progress=False)
+        assert json.loads((again.output_dir / "pair_filter.json").read_text())["dropped"] == \
+            record["dropped"]
