@@ -225,11 +225,11 @@ def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> lis
 def sweep_runs(cfg: Config, sweep_file) -> dict[str, Path]:
     """Display name -> run folder for a sweep's runs (names upper-cased, ``dpo-s0`` ->
     ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's start and reference."""
-    from .sweep import load_sweep, run_config
+    from .sweep import config_of_run, load_sweep
 
     runs = {"SFT": RUNS_DIR / f"{cfg.profile}-sft"}
     for name, overrides in load_sweep(sweep_file).items():
-        runs[name.upper()] = Path(run_config(cfg, name, overrides).train.output_dir)
+        runs[name.upper()] = Path(config_of_run(cfg, name, overrides).train.output_dir)
     return runs
 
 
