@@ -373,7 +373,7 @@ def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
     make_run(run, "tiny", {"model.quantization": "nf4", "model.double_quant": True})
     plain = export.merge_adapter(run, tmp_path / "plain")
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({"requires_cuda": True, **saved},
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "requires_cuda": True},
                                                     sort_keys=False))
     assert load_run_config(run).requires_cuda
     merged = export.merge_adapter(run, tmp_path / "gpu-run")
