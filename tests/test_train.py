@@ -317,6 +317,8 @@ def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch)
     """The same 8 examples in one optimizer step as batch 8, as 4 micro-batches of 2, and as
     2 processes x 2 micro-batches of 2: the same loss and, with plain SGD and no clipping (the
     update is the gradient), the same adapter after the step."""
+    from dpo_lib.runs import RunResult, read_metrics
+
     monkeypatch.setattr(train_lib, "make_optimizer", sgd)
     common = {"stage": "sft", "sft_steps": 1, "train_limit": 8, "test_limit": 8,
               "max_grad_norm": 1e9, "warmup_steps": 0, "lr_scheduler": "constant",
@@ -332,8 +334,7 @@ def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch)
                      f"output_dir={tmp_path / '2x2x2'}"]
                     + [f"{k}={v}" for k, v in common.items()], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs["2x2x2"] = (losses(runs.RunResult(tmp_path / "2x2x2",
-                                                runs.read_metrics(tmp_path / "2x2x2")))[0],
+    runs["2x2x2"] = (losses(RunResult(tmp_path / "2x2x2", read_metrics(tmp_path / "2x2x2")))[0],
                      lora_b(tmp_path / "2x2x2"))
     loss, weights = runs["8x1"]
     assert any(v.abs().max() > 1e-4 for v in weights.values())     # the step moved B
