@@ -107,8 +107,10 @@ def filter_pairs(count: int, share: float, how: str, scores: torch.Tensor | None
     return [i for i in range(count) if i not in dropped]
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two ``[N]`` tensors (average ranks for ties)."""
+def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Spearman rank correlation of two ``[N]`` tensors (average ranks for ties) and its
+    two-sided p-value against no correlation (scipy's)."""
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+    result = spearmanr(a.numpy(), b.numpy())
+    return float(result.statistic), float(result.pvalue)

@@ -58,5 +58,8 @@ def test_filter_pairs_drops_the_top_scores_or_a_seeded_draw():
 
 
 def test_spearman_by_hand():
-    assert ches.spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0])) == \
-        pytest.approx(0.5)
+    # ranks (1, 2, 3) and (1, 3, 2): 1 - 6 * (0 + 1 + 1) / (3 * 8) = 0.5
+    rho, p = ches.spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 30.0, 20.0]))
+    assert rho == pytest.approx(0.5) and 0 < p <= 1
+    rho, p = ches.spearman(torch.arange(50.0), torch.arange(50.0) ** 3)
+    assert rho == pytest.approx(1.0) and p < 1e-10
