@@ -1,9 +1,11 @@
 """Predicted vs measured peak memory of one QLoRA DPO training step.
 
 Each configuration runs in a fresh subprocess: load the model (random weights of a named
-architecture, or a profile's real model), attach LoRA, then one DPO step: the reference pass with
-adapters disabled, the policy pass over chosen and rejected (``2 * batch`` sequences of ``seq``
-random tokens), the DPO loss, backward, AdamW step.
+architecture, or a profile's real model), attach LoRA, compute the reference log-probs (as the
+trainer does before training), then one step of the trainer's own code
+(:func:`dpo_lib.memory.trainer_step`: collation in the chosen layout, the policy pass, the DPO
+loss, backward, AdamW step) on ``batch`` random pairs of ``seq`` tokens, half of them prompt.
+``--shared`` and ``--chunked`` are the trainer's ``train.shared_prompt`` and ``train.chunked_head``.
 
 Measured peak:
 * CUDA: ``torch.cuda.max_memory_allocated()`` over load + step (the CUDA context is not in it);
@@ -15,6 +17,7 @@ Measured peak:
     python benchmarks/memory.py                          # the CPU set (tiny, smollm2, pythia-160m)
     python benchmarks/memory.py --arch pythia-2.8b --batch 4 --seq 512 --checkpointing
     python benchmarks/memory.py --arch smollm2-135m-instruct --quant nf4 none --batch 4 --seq 256
+    python benchmarks/memory.py --arch smollm2-135m-instruct --batch 8 --seq 256 --shared --chunked
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ CPU_SET = [
     dict(arch="smollm2-135m-instruct", quant="nf4", batch=4, seq=256, checkpointing=False),
     dict(arch="smollm2-135m-instruct", quant="nf4", batch=4, seq=256, checkpointing=True),
     dict(arch="smollm2-135m-instruct", quant="none", batch=4, seq=256, checkpointing=False),
+    # the cpu profile's layout: the prompt once per pair, the output layer in chunks
+    dict(arch="smollm2-135m-instruct", quant="nf4", batch=4, seq=256, checkpointing=False,
+         shared=True, chunked=True),
     dict(arch="pythia-160m", quant="nf4", batch=2, seq=512, checkpointing=False),
     dict(arch="pythia-160m", quant="nf4", batch=2, seq=512, checkpointing=True),
 ]
@@ -51,20 +57,15 @@ CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESH
 
 
 def _rss(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes. Without /proc (macOS, Windows) both are the
-    process's peak so far (dpo_lib.memory.peak_rss_mb), which cannot be reset: the measured step
+    """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes (dpo_lib.memory.peak_rss_mb). Without /proc
+    (macOS, Windows) both are the process's peak so far, which cannot be reset: the measured step
     is then an upper bound."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        from dpo_lib.memory import peak_rss_mb
+    from dpo_lib.memory import peak_rss_mb
 
-        peak = peak_rss_mb()
-        if peak is not None:
-            return int(peak * 2**20)
-    raise RuntimeError(f"{field}: this system reports no resident memory")
+    megabytes = peak_rss_mb(field=field)
+    if megabytes is None:
+        raise RuntimeError(f"{field}: this system reports no resident memory")
+    return int(megabytes * 2**10) * 2**10
 
 
 def _release_and_reset_peak() -> int:
@@ -89,48 +90,45 @@ def _model_name(arch: str) -> str:
 
 
 def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int = 8,
-            double_quant: bool = True, compute_dtype: str = "auto") -> dict:
-    """One configuration in this process: returns the measured peak and the step time."""
+            double_quant: bool = True, compute_dtype: str = "auto", shared: bool = False,
+            chunked: bool = False) -> dict:
+    """One configuration in this process: the trainer's own step (dpo_lib.memory.trainer_step)
+    on ``batch`` random pairs of ``seq`` tokens (half of them prompt); returns the measured peak
+    and the step time. The reference log-probs are computed first, as the trainer does."""
     import torch
-    import torch.nn.functional as F
 
     from dpo_lib.config import load_config
-    from dpo_lib.models import add_lora, compute_dtype as resolve_dtype, load_model, \
-        reference_mode, token_logps
+    from dpo_lib.memory import random_pair_examples, trainer_step
+    from dpo_lib.models import add_lora, compute_dtype as resolve_dtype, load_model
+    from dpo_lib.reference import precompute_reference_logps
+    from dpo_lib.train import make_accelerator, make_optimizer
 
     cuda = torch.cuda.is_available()
     cfg = load_config("tiny", overrides={
         "model.name": _model_name(arch), "model.quantization": quant,
         "model.double_quant": double_quant, "model.compute_dtype": compute_dtype,
         "model.lora_r": lora_r, "model.lora_alpha": 2 * lora_r, "model.lora_dropout": 0.0,
-        "model.gradient_checkpointing": checkpointing})
+        "model.gradient_checkpointing": checkpointing, "train.stage": "preference",
+        "train.shared_prompt": shared, "train.chunked_head": chunked,
+        "train.learning_rate": 1e-4, "train.optimizer": "adamw"})
     dtype = resolve_dtype(compute_dtype)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    accelerator = make_accelerator(cfg)
     model = add_lora(load_model(cfg), cfg)
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(pairs: int, length: int) -> None:
-        ids = torch.randint(0, vocab, (2 * pairs, length), device=device)
-        with reference_mode(model):
-            reference = token_logps(model, ids).sum(-1)
-        policy = token_logps(model, ids).sum(-1)
-        margin = (policy[:pairs] - reference[:pairs]) - (policy[pairs:] - reference[pairs:])
-        loss = -F.logsigmoid(0.1 * margin).mean()
-        loss.backward()
-        return loss
-
-    model.train()
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    examples = random_pair_examples(batch, seq, seq // 2, model.config.vocab_size)
+    reference = precompute_reference_logps(model, examples, batch, accelerator,
+                                           use_adapter=False, progress=False, shared=shared,
+                                           chunked=chunked)
     if not cuda:  # warm-up: load kernel code and lazily built tables into the process first
-        step(1, 8)
-        model.zero_grad(set_to_none=True)
+        trainer_step(model, optimizer, accelerator, examples, reference, cfg, indices=[0])
+        optimizer.zero_grad(set_to_none=True)
     start_rss = 0 if cuda else _release_and_reset_peak()
-    footprint = model.get_memory_footprint()
+    footprint = accelerator.unwrap_model(model).get_memory_footprint()
     started = time.perf_counter()
-    step(batch, seq)
-    optimizer.step()
+    trainer_step(model, optimizer, accelerator, examples, reference, cfg)
     seconds = time.perf_counter() - started
     if cuda:
         measured = torch.cuda.max_memory_allocated()
@@ -143,14 +141,21 @@ def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lo
 
 
 def predict(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int,
-            double_quant: bool, compute_dtype: str):
+            double_quant: bool, compute_dtype: str, shared: bool = False, chunked: bool = False):
     from dpo_lib.memory import estimate_memory
     from dpo_lib.models import SMOLLM2
 
     shapes_of = "smollm2-135m" if arch == SMOLLM2 else arch
     return estimate_memory(shapes_of, quantization=quant, double_quant=double_quant,
                            lora_r=lora_r, batch=batch, seq_len=seq,
-                           gradient_checkpointing=checkpointing, compute_dtype=compute_dtype)
+                           gradient_checkpointing=checkpointing, compute_dtype=compute_dtype,
+                           shared_prompt=shared, chunked_head=chunked, prompt_len=seq // 2)
+
+
+def layout(run: dict) -> str:
+    """How the step lays out pairs and computes log-probs: plain, shared, chunked or both."""
+    parts = [name for name in ("shared", "chunked") if run.get(name)]
+    return "+".join(parts) or "plain"
 
 
 def main(argv=None) -> int:
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--shared", action="store_true", help="train.shared_prompt")
+    parser.add_argument("--chunked", action="store_true", help="train.chunked_head")
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--compute-dtype", default="auto")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -176,11 +183,13 @@ def main(argv=None) -> int:
 
     if args.arch:
         runs = [dict(arch=a, quant=q, batch=args.batch, seq=args.seq,
-                     checkpointing=args.checkpointing) for a in args.arch for q in args.quant]
+                     checkpointing=args.checkpointing, shared=args.shared, chunked=args.chunked)
+                for a in args.arch for q in args.quant]
     else:
         runs = CPU_SET
     dtype_name = str(resolve_dtype(args.compute_dtype)).replace("torch.", "")
-    header = (f"{'model':24} {'quant':5} {'pairs':>5} {'seq':>4} {'ckpt':>4} | {'weights':>7} "
+    header = (f"{'model':24} {'quant':5} {'pairs':>5} {'seq':>4} {'ckpt':>4} {'layout':>14} | "
+              f"{'weights':>7} "
               f"{'lora':>6} {'activ':>6} {'logits':>6} {'pred':>6} | {'meas':>6} {'ratio':>5} "
               f"{'s/step':>6}")
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, compute dtype "
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
         result = json.loads(lines[-1][len("RESULT "):])
         gb = estimate.as_gb()
         print(f"{run['arch']:24} {run['quant']:5} {run['batch']:>5} {run['seq']:>4} "
-              f"{'yes' if run['checkpointing'] else 'no':>4} | {gb['weights']:7.3f} "
+              f"{'yes' if run['checkpointing'] else 'no':>4} {layout(run):>14} | "
+              f"{gb['weights']:7.3f} "
               f"{gb['lora']:6.3f} {gb['activations']:6.3f} {gb['logits']:6.3f} "
               f"{gb['total']:6.3f} | {result['measured'] / 1e9:6.3f} "
               f"{estimate.total / result['measured']:5.2f} {result['seconds']:6.1f}", flush=True)

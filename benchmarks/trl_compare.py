@@ -30,6 +30,15 @@ second, tokens per second (non-padding tokens of the batch as given to the model
 optimizer step, and the peak memory (CUDA peak on a GPU, the process's peak RSS on a CPU). The
 DPO reference pass is timed on its own and amortised over one epoch of ``--epoch-pairs`` pairs
 (default: the seed's 25,600). Prints a table with the ratios ours/TRL; ``--json`` writes them.
+
+How close to the machine's limit: before the variants, a short GEMM probe in this process
+(:func:`matmul_peak_gflops`: square matrix multiplies in the compute dtype, the best rate of a few
+sizes) measures the matrix-multiply peak; each variant's achieved rate is its model FLOPs per
+second, ``4 P`` per token given to the model (forward ``2 P``, backward through the activations
+``2 P``; LoRA's own weight gradients are negligible and not counted) plus ``2 P`` per token of a
+reference forward where one runs every step (TRL's default DPO), with ``P`` the parameters of the
+matrix multiplies (the blocks' linear layers and the output layer). Attention's score products
+are not counted, so the share is a lower bound.
 """
 from __future__ import annotations
 
@@ -58,6 +67,49 @@ def peak_memory_mb() -> float:
 
     peak = peak_rss_mb()
     return float("nan") if peak is None else peak
+
+
+def matmul_peak_gflops(dtype=None, seconds: float = 3.0) -> tuple[float, str]:
+    """The measured matrix-multiply peak of this process's device: the best GFLOP/s of square
+    GEMMs (``2 n^3`` FLOPs each) over a few sizes, in ``dtype`` (default: bfloat16 on a GPU that
+    supports it, float32 otherwise), within about ``seconds``. Returns ``(GFLOP/s, what)``."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    device = "cuda" if cuda else "cpu"
+    sizes = (2048, 4096, 8192) if cuda else (256, 512, 1024)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b                                                            # warm-up
+        repeats, elapsed = 0, 0.0
+        while elapsed < seconds / len(sizes):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed += time.perf_counter() - start
+            repeats += 1
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    what = (f"{str(dtype).removeprefix('torch.')} GEMM, n up to {sizes[-1]}, "
+            f"{torch.get_num_threads() if not cuda else 'CUDA'} threads")
+    return best, what
+
+
+def matmul_parameters(args) -> int:
+    """``P``: parameters of the model's matrix multiplies (blocks' linear layers + output layer),
+    from its shapes alone (dpo_lib.memory.model_shapes)."""
+    from dpo_lib.memory import model_shapes
+    from dpo_lib.models import SMOLLM2
+
+    name = MODELS.get(args.model, args.model)
+    shapes = model_shapes("smollm2-135m" if name == SMOLLM2 else name.removeprefix("random:"))
+    return shapes.linear_params + shapes.vocab * shapes.hidden
 
 
 def make_config(args, stage: str, shared: bool = False, output_dir: str | None = None,
@@ -101,7 +153,9 @@ def _cuda() -> bool:
 def prepare_pairs(args) -> Path:
     """Pick ``--pairs`` pairs that fit whole; write them as a jsonl of hh-rlhf rows."""
     from dpo_lib import packing
-    from dpo_lib.data import hh_rlhf_file, load_preference_pairs, padding_report, tokenize_pairs
+    from dpo_lib.batches import padding_report, tokenize_pairs
+    from dpo_lib.data import load_preference_pairs
+    from dpo_lib.hub import hh_rlhf_file
     from dpo_lib.models import load_tokenizer
 
     tokenizer = load_tokenizer(MODELS.get(args.model, args.model))
@@ -234,13 +288,15 @@ def run_trl(args, stage: str, best: bool) -> dict:
         config = SFTConfig(completion_only_loss=True, packing=False, **common)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
+    from dpo_lib.batches import real_tokens
+
     token_counts = []
     collator = trainer.data_collator
 
     def counting(features):
         batch = collator(features)
-        token_counts.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                            else int(batch["input_ids"].numel()))
+        tokens, positions = real_tokens(batch)
+        token_counts.append(tokens if positions else int(batch["input_ids"].numel()))
         return batch
 
     trainer.data_collator = counting
@@ -292,8 +348,9 @@ def agreement(args) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_lib import train as trainer_lib
-    from dpo_lib.data import load_preference_pairs, tokenize_pairs
+    from dpo_lib.batches import tokenize_pairs
+    from dpo_lib.data import load_preference_pairs
+    from dpo_lib.forward import collate_pairs, pad_id, pair_logps, to_device
     from dpo_lib.losses import preference_loss
     from dpo_lib.models import add_lora, load_model, load_tokenizer
 
@@ -318,18 +375,16 @@ def agreement(args) -> dict:
     model.eval()
     trl_batch = next(iter(trl.get_eval_dataloader()))              # in order, unlike training's
     examples, _ = tokenize_pairs(pairs, tokenizer, args.max_length, args.max_length - 1)
-    batch = trainer_lib._to_device(trainer_lib.collate_pairs(examples, trainer_lib._pad_id(model)),
-                                   trl.accelerator.device)
+    batch = to_device(collate_pairs(examples, pad_id(model)), trl.accelerator.device)
     with torch.no_grad():
-        ours = trainer_lib.pair_logps(model, batch)
-        packed_batch = trainer_lib._to_device(
-            trainer_lib.collate_pairs(examples, trainer_lib._pad_id(model), shared=True),
-            trl.accelerator.device)
-        shared = trainer_lib.pair_logps(model, packed_batch)
-        fast = trainer_lib.pair_logps(model, packed_batch, chunked_head=True)
+        ours = pair_logps(model, batch)
+        packed_batch = to_device(collate_pairs(examples, pad_id(model), shared=True),
+                                 trl.accelerator.device)
+        shared = pair_logps(model, packed_batch)
+        fast = pair_logps(model, packed_batch, chunked_head=True)
         trl_loss = trl._compute_loss(model, trl_batch, False)
         model.set_adapter("ref")                 # our log-probs of TRL's reference model
-        ref_chosen, ref_rejected = trainer_lib.pair_logps(model, batch)[:2]
+        ref_chosen, ref_rejected = pair_logps(model, batch)[:2]
         model.set_adapter("default")
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
         kwargs = {k: v for k, v in trl_batch.items() if k in ("input_ids", "attention_mask")}
@@ -379,6 +434,9 @@ def main(argv=None) -> int:
         return 0
 
     args.data = prepare_pairs(args)
+    peak, probe = matmul_peak_gflops(seconds=1.0 if args.model == "tiny" else 3.0)
+    print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s ({probe})", flush=True)
+    parameters = matmul_parameters(args)
     results, failures = [], []
     jobs = [(stage, variant) for stage in args.stages.split(",") for variant in
             args.variants.split(",") if not (stage == "sft" and variant == "ours-shared")]
@@ -394,13 +452,19 @@ def main(argv=None) -> int:
             continue
         result = json.loads(lines[-1][7:])
         result.update(stage=stage, variant=variant)
+        if "tokens_per_second" in result:
+            per_token = 6 if (stage, variant) == ("preference", "trl-default") else 4
+            result["gflop_per_second"] = per_token * parameters * result["tokens_per_second"] / 1e9
+            result["peak_share"] = result["gflop_per_second"] / peak
         results.append(result)
         print(f"{stage:10s} {variant:12s} done in {time.perf_counter() - started:.0f} s", flush=True)
-    print_table(results, args)
+    print_table(results, args, peak)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "device": device_name(), "results": results}, indent=1))
+                                         "device": device_name(), "matmul_peak_gflops": peak,
+                                         "matmul_probe": probe, "matmul_parameters": parameters,
+                                         "results": results}, indent=1))
     for stage, variant, log in failures:
         print(f"\n--- {stage} {variant} failed:\n{log}", file=sys.stderr)
     return 1 if failures else 0
@@ -411,12 +475,12 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from dpo_lib.export import cpu_threads
+    from dpo_lib.llama_runtime import cpu_threads
 
     return f"CPU, {cpu_threads()} cores"
 
 
-def print_table(results, args) -> None:
+def print_table(results, args, peak: float) -> None:
     agreement_rows = [r for r in results if r["variant"] == "agreement"]
     for r in agreement_rows:
         print(f"\nagreement with TRL on one batch of {r['pairs']} pairs (answers' log-probs "
@@ -432,7 +496,7 @@ def print_table(results, args) -> None:
           f"{'on' if args.gradient_checkpointing else 'off'}; {args.steps} timed steps after "
           f"{args.warmup} warm-up")
     header = (f"{'stage':10s} {'variant':12s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>8s} "
-              f"{'peak MB':>8s} {'ref. s':>7s} {'epoch h':>8s}")
+              f"{'peak MB':>8s} {'ref. s':>7s} {'epoch h':>8s} {'GFLOP/s':>8s} {'of peak':>7s}")
     print(header)
     for r in rows:
         pairs = args.epoch_pairs
@@ -443,7 +507,8 @@ def print_table(results, args) -> None:
         r["epoch_hours"] = epoch / 3600
         print(f"{r['stage']:10s} {r['variant']:12s} {r['pairs_per_second']:8.3f} "
               f"{r['tokens_per_second']:9.0f} {r['seconds_per_step']:8.3f} "
-              f"{r['peak_memory_mb']:8.0f} {ref:>7s} {r['epoch_hours']:8.2f}")
+              f"{r['peak_memory_mb']:8.0f} {ref:>7s} {r['epoch_hours']:8.2f} "
+              f"{r['gflop_per_second']:8.2f} {r['peak_share']:7.1%}")
     for stage in ("sft", "preference"):
         by = {r["variant"]: r for r in rows if r["stage"] == stage}
         for ours in ("ours", "ours-shared", "ours-fast"):
@@ -454,6 +519,9 @@ def print_table(results, args) -> None:
                           f"peak memory {by[ours]['peak_memory_mb'] / by[trl]['peak_memory_mb']:.2f}x")
     print("(epoch h: one epoch of", args.epoch_pairs, "pairs at this speed, the reference pass "
           "included where precomputed; SFT counts sequences as pairs)")
+    print(f"(GFLOP/s: model FLOPs per second, 4 x {matmul_parameters(args):,} parameters per token "
+          f"given to the model, 6 x where the reference forward runs every step; of peak: share "
+          f"of the measured matrix-multiply peak, {peak:.1f} GFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def build_demo(model_path, max_tokens: int = 160, n_ctx: int = 2048):
     import gradio as gr
     from llama_cpp import Llama
 
-    from .export import cpu_threads
+    from .llama_runtime import cpu_threads
 
     llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=cpu_threads(),
                 verbose=False)
@@ -73,13 +73,18 @@ def build_demo(model_path, max_tokens: int = 160, n_ctx: int = 2048):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Serve a GGUF model as a Gradio chat app.")
+    parser = argparse.ArgumentParser(prog="dpo-app",
+                                     description="Serve a GGUF model as a Gradio chat app.")
     parser.add_argument("model", nargs="?", help="the .gguf file (default: $MODEL_PATH or the "
                                                  "only .gguf beside app.py)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
-    model = find_model(args.model)
+    try:
+        model = find_model(args.model)
+    except FileNotFoundError as error:     # one line, as dpo_lib.cli does (this file stands alone)
+        print(f"dpo-app: error: {error}", file=sys.stderr)
+        return 1
     print(f"serving {model} on http://{args.host}:{args.port}", flush=True)
     build_demo(model).queue().launch(server_name=args.host, server_port=args.port)
     return 0

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .data import ASSISTANT, BUNDLED_DIR, HUMAN, REPO_ROOT
+from .config import DATA_DIR
+from .data import ASSISTANT, BUNDLED_DIR, HUMAN
 
-TINY_TOKENIZER_DIR = REPO_ROOT / "data" / "tiny-tokenizer"
+TINY_TOKENIZER_DIR = DATA_DIR / "tiny-tokenizer"
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Iterator
 
+from .cli import command
 from .data import HUMAN
 
 #: Besides EOS, an answer ends where the model starts the next human turn.
@@ -20,9 +22,11 @@ STOP = [HUMAN]
 def load_chat_model(path, n_ctx: int = 1024):
     """``llama_cpp.Llama`` for chatting (quiet, every available core), with a context of
     ``n_ctx`` tokens or the model's trained context where that is shorter."""
-    from .export import gguf_metadata
+    from .llama_runtime import gguf_metadata
     from .gguf_check import open_gguf
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
     meta = gguf_metadata(path)
     trained = meta.get(f"{meta.get('general.architecture')}.context_length", n_ctx)
     return open_gguf(path, n_ctx=min(n_ctx, trained), logits_all=False)
@@ -58,8 +62,9 @@ def reply(llm, messages: list[dict], **kwargs) -> str:
     return "".join(stream_reply(llm, messages, **kwargs)).strip()
 
 
+@command("dpo-chat")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo_lib.chat",
+    parser = argparse.ArgumentParser(prog="dpo-chat",
                                      description="Chat with a GGUF model, streaming tokens.")
     parser.add_argument("model", help="a .gguf file (python -m dpo_lib.export makes them)")
     parser.add_argument("--prompt", help="ask one question, print the answer and exit")

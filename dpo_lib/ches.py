@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import IGNORE_INDEX, collate_preference
+from .batches import IGNORE_INDEX, collate_preference
 
 #: The score :func:`filter_pairs` ranks by.
 FILTER_SCORE = "ches_normalised"
@@ -33,13 +33,14 @@ def answer_hidden_sums(model, examples, batch_size: int, pad_token_id: int,
                        progress: bool = False) -> dict[str, torch.Tensor]:
     """Per pair, the sum of final hidden states over each answer's predicting positions.
 
-    ``examples``: tokenized pairs (:func:`dpo_lib.data.tokenize_pairs`). Returns fp32
+    ``examples``: tokenized pairs (:func:`dpo_lib.batches.tokenize_pairs`). Returns fp32
     ``chosen_sums [N, H]``, ``rejected_sums [N, H]``, ``chosen_counts [N]``,
     ``rejected_counts [N]``. One no-grad forward per batch of chosen and rejected rows
     (``[2B, L]``, right-padded), the model as it is (adapter on).
     """
     from .progress import tqdm
-    from .train import final_hidden, length_sorted_batches
+    from .forward import length_sorted_batches
+    from .logps import final_hidden
 
     device = next(model.parameters()).device
     was_training = model.training

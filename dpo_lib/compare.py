@@ -2,7 +2,7 @@
 
 The question after a preference run is "did it learn what the pairs prefer, more than the SFT
 model already knew?". On ``N`` held-out pairs, each model's summed log-probs of both answers
-(:func:`dpo_lib.train.precompute_reference_logps`, one no-grad pass per model) give
+(:func:`dpo_lib.reference.precompute_reference_logps`, one no-grad pass per model) give
 
 * **log-prob ranking**: ``log pi(y_w|x) > log pi(y_l|x)`` (summed, and per token);
 * **reward vs SFT / vs base**: the implicit reward ``log pi/pi_ref`` ranks the pair right, with
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import command
 from .config import RUNS_DIR, Config, load_config
 from .sweep import RUN_FILES
 
@@ -54,15 +55,15 @@ def ranked(tables: dict, model: str, reference: str | None = None,
            per_token: bool = False) -> torch.Tensor:
     """``[N]`` booleans: does ``model``'s score put the chosen answer above the rejected one?
     The score is the summed log-prob, minus ``reference``'s (the implicit reward), or the
-    per-token mean. ``tables[name]`` holds ``chosen_sums``, ``rejected_sums`` and counts ``[N]``."""
+    per-token mean. ``tables[name]``: a :class:`~dpo_lib.logps.PairLogps` of ``[N]`` tensors."""
     table = tables[model]
-    chosen, rejected = table["chosen_sums"], table["rejected_sums"]
+    chosen, rejected = table.chosen_sums, table.rejected_sums
     if reference is not None:
-        chosen = chosen - tables[reference]["chosen_sums"]
-        rejected = rejected - tables[reference]["rejected_sums"]
+        chosen = chosen - tables[reference].chosen_sums
+        rejected = rejected - tables[reference].rejected_sums
     if per_token:
-        chosen = chosen / table["chosen_counts"].clamp(min=1)
-        rejected = rejected / table["rejected_counts"].clamp(min=1)
+        chosen = chosen / table.chosen_counts.clamp(min=1)
+        rejected = rejected / table.rejected_counts.clamp(min=1)
     return chosen > rejected
 
 
@@ -140,9 +141,11 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     whose log-probs of the first ``cfg.data.train_limit`` training pairs go into ``training``
     (how each pair's answers moved in training: :mod:`dpo_lib.ches`).
     """
-    from .data import HUMAN, ASSISTANT, tokenize_pairs, load_split
+    from .batches import tokenize_pairs
+    from .data import ASSISTANT, HUMAN, load_split
     from .generate import generate_answers
-    from .train import load_examples, precompute_reference_logps
+    from .reference import precompute_reference_logps
+    from .train import load_examples
 
     if "SFT" not in runs:
         raise ValueError("compare_runs needs the SFT run under the name 'SFT' (the reference)")
@@ -172,7 +175,7 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
               "answers": [{"prompt": prompt, **{name: answers[name][i] for name in answers}}
                           for i, prompt in enumerate(prompts)],
               "tables": {name: {key: [round(v, 4) for v in values.tolist()]
-                                for key, values in table.items()}
+                                for key, values in table._asdict().items()}
                          for name, table in tables.items()}}
     if judge:
         from .bundled import judge_response
@@ -196,7 +199,7 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
         for name in ["SFT", *[n for n in train_pairs if n != "SFT"]]:
             table = log_probs(name, train_examples)
             result["training"]["tables"][name] = {key: [round(v, 4) for v in values.tolist()]
-                                                  for key, values in table.items()}
+                                                  for key, values in table._asdict().items()}
             if progress:
                 print(f"[compare] {name}: log-probs of {len(train_examples)} training pairs "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -222,11 +225,11 @@ def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> lis
 def sweep_runs(cfg: Config, sweep_file) -> dict[str, Path]:
     """Display name -> run folder for a sweep's runs (names upper-cased, ``dpo-s0`` ->
     ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's start and reference."""
-    from .sweep import load_sweep, run_config
+    from .sweep import config_of_run, load_sweep
 
     runs = {"SFT": RUNS_DIR / f"{cfg.profile}-sft"}
     for name, overrides in load_sweep(sweep_file).items():
-        runs[name.upper()] = Path(run_config(cfg, name, overrides).train.output_dir)
+        runs[name.upper()] = Path(config_of_run(cfg, name, overrides).train.output_dir)
     return runs
 
 
@@ -238,9 +241,10 @@ PROBE_PROMPTS = (
 )
 
 
+@command("dpo-compare")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_lib.compare",
+        prog="dpo-compare",
         description="Compare the base model and trained runs on the config's held-out pairs.")
     parser.add_argument("config", help="profile or recipe whose data and model the runs used")
     parser.add_argument("runs", nargs="*", metavar="name=RUN_DIR",

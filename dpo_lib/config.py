@@ -18,20 +18,188 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional, get_args, get_type_hints
 
 import yaml
 
 PROFILES = ("tiny", "cpu", "gpu", "gpu-smoke")
 ENV_VAR = "DPO_PROFILE"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+#: In a checkout (or an editable install) the profiles and the bundled data are read from the
+#: repository's ``configs/`` and ``data/``; a wheel carries the same files inside the package
+#: (pyproject.toml maps them to ``dpo_lib/configs`` and ``dpo_lib/data_files``), and runs and
+#: figures then go under the current directory.
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "configs").is_dir()
+CONFIG_DIR = REPO_ROOT / "configs" if IN_CHECKOUT else PACKAGE_DIR / "configs"
+DATA_DIR = REPO_ROOT / "data" if IN_CHECKOUT else PACKAGE_DIR / "data_files"
+_WORK_DIR = REPO_ROOT if IN_CHECKOUT else Path.cwd()
 # Notebooks save figures/NN_<name>.png here; under pytest the root conftest.py points it to a
 # temporary folder, so that tests never touch the committed (cpu profile) figures. Importing this
 # module creates no folder: whoever saves a figure creates its folder.
-FIGURES_DIR = Path(os.environ.get("DPO_FIGURES_DIR", REPO_ROOT / "figures")).resolve()
-RUNS_DIR = REPO_ROOT / "runs"        # run outputs (ignored by git)
+FIGURES_DIR = Path(os.environ.get("DPO_FIGURES_DIR", _WORK_DIR / "figures")).resolve()
+RUNS_DIR = _WORK_DIR / "runs"        # run outputs (ignored by git)
+
+
+# --------------------------------------------------------------------------------------------
+# The schema: every key, its type, its default and what it does
+# --------------------------------------------------------------------------------------------
+# A profile or recipe YAML states only what differs from these defaults (or from its ``base:``).
+# The defaults are the tiny profile's: a config that runs anywhere in seconds.
+
+def _key(default, meaning: str):
+    return field(default=default, metadata={"meaning": meaning})
+
+
+@dataclass
+class ModelSettings:
+    name: str = _key("tiny-gpt-neox", "tiny-gpt-neox, smollm2-135m-instruct, random:<arch> "
+                     "(dpo_lib.models.ARCHITECTURES), a Hub id or a local folder")
+    init_seed: int = _key(0, "the random weights of tiny-gpt-neox and random:<arch> models "
+                          "(the run's seed only changes the data order)")
+    quantization: str = _key("none", "none | nf4 | fp4 | int8 | bf16 | fp16 | fp32")
+    double_quant: bool = _key(False, "nf4/fp4: quantize the quantization constants too")
+    quant_storage: Optional[str] = _key(None, "dtype the packed 4-bit weights are stored in; "
+                                        "bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml)")
+    compute_dtype: str = _key("auto", "auto: bfloat16 on GPUs that support it, float16 on older "
+                              "GPUs, float32 on CPU | float32 | bfloat16 | float16")
+    lora_r: int = _key(8, "LoRA rank")
+    lora_alpha: int = _key(16, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _key(0.0, "dropout on the LoRA input")
+    gradient_checkpointing: bool = _key(False, "recompute activations in backward (less memory)")
+    lora_target_modules: Optional[list] = _key(None, "null: every linear layer of the blocks; "
+                                               "or a list of module names")
+    trust_remote_code: bool = _key(False, "run the model's own code from the Hub (auto_map); "
+                                   "true only for code you have read")
+
+
+@dataclass
+class DataSettings:
+    source: str = _key("bundled", "bundled | a .jsonl/.jsonl.gz file or folder | "
+                       "hh-rlhf:<subset>/<split>.jsonl.gz | a Hub dataset id (Anthropic/hh-rlhf)")
+    data_dir: Optional[str] = _key(None, "a subset of a Hub dataset or folder (e.g. harmless-base); "
+                                   "null: all")
+    order: str = _key("file", "file: the first rows (the bundled set is written in random order); "
+                      "shuffled: a seeded sample over all rows")
+    seed: int = _key(0, "the data sample and the held-out slice (apart from the run's seed)")
+    test_fraction: Optional[float] = _key(None, "a source without a test split: this share of "
+                                          "prompts held out (e.g. 0.15)")
+    train_limit: Optional[int] = _key(256, "training pairs read (null: all)")
+    test_limit: Optional[int] = _key(64, "held-out pairs read for the in-run evaluation (null: all)")
+    max_length: int = _key(128, "tokens of prompt + answer; longer pairs are truncated")
+    max_prompt_length: int = _key(96, "tokens the prompt keeps (its end) when a pair is too long")
+    pair_filter: Optional[str] = _key(None, "preference stage: null | ches | random: drop a share "
+                                      "of the training pairs first")
+    pair_filter_share: float = _key(0.0, "that share: ches drops the highest CHES scores "
+                                    "(dpo_lib.ches), random a seeded draw")
+
+
+@dataclass
+class TrainSettings:
+    stage: str = _key("sft", "sft | preference")
+    loss_type: str = _key("dpo", "dpo | cdpo | ipo | rpo | simpo (preference stage; dpo_lib.losses)")
+    beta: float = _key(0.1, "DPO's beta; IPO's tau")
+    label_smoothing: float = _key(0.0, "cdpo's eps")
+    rpo_alpha: float = _key(1.0, "rpo: weight of the chosen answer's per-token NLL added to DPO")
+    simpo_gamma: float = _key(0.5, "simpo: target margin of the token-mean rewards "
+                              "(beta x mean log-prob)")
+    average_logps: Optional[bool] = _key(None, "null: the loss's default (summed for dpo/cdpo/rpo, "
+                                         "token mean for ipo/simpo)")
+    init_adapter: Optional[str] = _key(None, "preference stage: an SFT run's folder; its adapter "
+                                       "is the start and the reference (null: the base model)")
+    batch_size: int = _key(8, "pairs (or SFT examples) per micro-batch")
+    eval_batch_size: int = _key(16, "pairs per batch of the no-grad passes (reference, evaluation)")
+    gradient_accumulation_steps: int = _key(1, "micro-batches per optimizer step and process")
+    sft_steps: int = _key(20, "optimizer steps of the SFT stage")
+    preference_steps: int = _key(20, "optimizer steps of the preference stage")
+    learning_rate: float = _key(1.0e-3, "peak learning rate")
+    preference_learning_rate: Optional[float] = _key(None, "the preference stage's peak learning "
+                                                     "rate (null: learning_rate)")
+    lr_scheduler: str = _key("cosine", "cosine | linear | constant (after warmup)")
+    warmup_steps: int = _key(2, "linear warm-up steps")
+    max_grad_norm: float = _key(1.0, "gradient clipping norm")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    optimizer: str = _key("adamw", "adamw | adamw_8bit | paged_adamw_8bit (the last two need CUDA)")
+    mixed_precision: str = _key("auto", "auto (bf16, or fp16 on GPUs without bf16; none on CPU) | "
+                                "no | bf16 | fp16")
+    group_by_length: bool = _key(True, "batches of similar lengths (less padding), order still random")
+    shared_prompt: bool = _key(False, "chosen and rejected packed behind one copy of the prompt "
+                               "(dpo_lib.packing)")
+    chunked_head: bool = _key(False, "the output layer only at answer positions, in chunks "
+                              "(no [B, L, V] logits; dpo_lib.logps.head_logps)")
+    eval_every: int = _key(10, "evaluate on the held-out pairs every this many steps (0: never)")
+    save_every: int = _key(10, "write checkpoint-<step>/ every this many steps (0: never)")
+    output_dir: Optional[str] = _key(None, "null: runs/<profile>-<stage>[-<loss_type>]")
+    resume: bool = _key(False, "continue from the newest checkpoint in output_dir")
+    wandb: str = _key("disabled", "disabled | offline | online")
+    wandb_project: str = _key("dpo-quant", "the wandb project")
+
+
+@dataclass
+class Settings:
+    """Every key of a run's config. ``dpo_lib.config.describe_keys()`` lists them with meanings."""
+
+    profile: str = _key("tiny", "the profile's name (runs/<profile>-... and notebook titles)")
+    requires_cuda: bool = _key(False, "fail fast where torch sees no CUDA GPU (4-bit CUDA kernels, "
+                               "16-bit mixed precision, paged optimizers)")
+    seed: int = _key(0, "the run's seed: data order, dropout, LoRA initialisation")
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+def default_settings() -> dict:
+    """The schema's defaults as a nested dict (what a YAML file adds to or overrides)."""
+    return asdict(Settings())
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, default, meaning)`` for every key of the schema."""
+    rows = []
+
+    def walk(cls, prefix=""):
+        hints = get_type_hints(cls)
+        for item in fields(cls):
+            if is_dataclass(hints[item.name]):
+                walk(hints[item.name], f"{prefix}{item.name}.")
+            else:
+                default = item.default
+                rows.append((prefix + item.name, _type_name(hints[item.name]), default,
+                             item.metadata.get("meaning", "")))
+    walk(Settings)
+    return rows
+
+
+def _type_name(annotation) -> str:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args:
+        return f"{args[0].__name__} or null"
+    return annotation.__name__
+
+
+def validate(data: Mapping, cls=Settings, prefix: str = "") -> None:
+    """Refuse keys the schema does not have and values of the wrong type (one-line messages)."""
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        dotted = prefix + key
+        if key not in hints:
+            raise KeyError(_unknown_key_message(dotted, default_settings()))
+        expected = hints[key]
+        if is_dataclass(expected):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {dotted!r} must be a mapping of keys, not {value!r}")
+            validate(value, expected, dotted + ".")
+            continue
+        allowed = [a for a in get_args(expected) if a is not type(None)] or [expected]
+        if value is None and type(None) in get_args(expected):
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if bool not in allowed and isinstance(value, bool) or \
+                not isinstance(value, tuple(allowed)):
+            raise ValueError(f"config key {dotted!r} must be {_type_name(expected)}; got {value!r}")
 
 
 class Config(Mapping):
@@ -193,8 +361,13 @@ def _read_yaml(name_or_path: str, seen: tuple = ()) -> dict:
 
 
 def load_config(name: str | None = None, overrides=None) -> Config:
-    """Read a profile or recipe file (see :func:`resolve_profile`) and apply dotted overrides."""
-    return Config(_read_yaml(resolve_profile(name))).with_overrides(overrides)
+    """Read a profile or recipe file (see :func:`resolve_profile`) over the schema's defaults
+    (:class:`Settings`) and apply dotted overrides; unknown keys and wrongly typed values raise."""
+    data = _read_yaml(resolve_profile(name))
+    validate(data)
+    cfg = Config(_deep_merge(default_settings(), data)).with_overrides(overrides)
+    validate(cfg.to_dict())
+    return cfg
 
 
 def require_device(cfg: Config, what: str = "this") -> None:
@@ -206,12 +379,25 @@ def require_device(cfg: Config, what: str = "this") -> None:
     """
     import torch
 
-    if cfg.get("requires_cuda", False) and not torch.cuda.is_available():
+    if cfg.requires_cuda and not torch.cuda.is_available():
         raise RuntimeError(
             f"profile {cfg.get('profile', '?')!r} needs a CUDA GPU for {what}, and torch sees none "
             f"(torch {torch.__version__}, torch.cuda.is_available() is False). Without a GPU use "
             f"DPO_PROFILE=cpu (a real model, 4-bit on the CPU) or DPO_PROFILE=tiny; with one, "
             f"install a CUDA build of torch (README: GPU users).")
+
+
+def mixed_precision(cfg: Config) -> str:
+    """``train.mixed_precision`` resolved for this machine: ``auto`` is bf16 on GPUs that support
+    it, fp16 on older GPUs, ``no`` on CPU."""
+    import torch
+
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "no"
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
 
 
 def describe(cfg: Config) -> str:
@@ -220,8 +406,8 @@ def describe(cfg: Config) -> str:
 
     device = (f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available()
               else f"cpu ({os.cpu_count()} cores)")
-    quant = cfg.model.quantization + (" + double quant" if cfg.model.get("double_quant") else "")
-    data = cfg.data.source + (f" [{cfg.data.data_dir}]" if cfg.data.get("data_dir") else "")
+    quant = cfg.model.quantization + (" + double quant" if cfg.model.double_quant else "")
+    data = cfg.data.source + (f" [{cfg.data.data_dir}]" if cfg.data.data_dir else "")
     return (f"profile: {cfg.profile}\n"
             f"model:   {cfg.model.name} ({quant})\n"
             f"data:    {data}, max length {cfg.data.max_length} "

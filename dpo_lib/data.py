@@ -1,10 +1,10 @@
-"""Preference data in Anthropic hh-rlhf format: reading, splitting, accounting, tokenizing, batching.
+"""Preference data in Anthropic hh-rlhf format: reading, splitting, accounting.
 
 An hh-rlhf row is ``{"chosen": text, "rejected": text}``, each text a whole dialogue
 ``"\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant: answer"``. The two texts share
 the dialogue up to the last assistant turn and differ in the answer. :func:`split_hh_pair` turns a
 row into ``(prompt, chosen_response, rejected_response)``; :func:`load_preference_pairs` reads a
-whole source and accounts for every row; :func:`tokenize_pairs` and the collators make model
+whole source and accounts for every row; :mod:`dpo_lib.batches` turns the pairs into model
 inputs as the DPO reference implementation does.
 """
 from __future__ import annotations
@@ -14,18 +14,16 @@ import hashlib
 import json
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
-import torch
+from .config import DATA_DIR
+from .hub import hh_rlhf_file, hub_rows, local_alternatives
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
-IGNORE_INDEX = -100
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_DIR = REPO_ROOT / "data" / "bundled"
+BUNDLED_DIR = DATA_DIR / "bundled"
 
 #: Every outcome a row can have, with what it means. ``kept`` first, then the skip reasons.
 OUTCOMES = {
@@ -46,10 +44,6 @@ class PairError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
         super().__init__(f"{reason}: {OUTCOMES[reason]}" + (f" ({detail})" if detail else ""))
-
-
-class HubUnavailableError(ConnectionError):
-    """The Hugging Face Hub cannot be reached (offline, or no network)."""
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -188,119 +182,9 @@ def _split_files(folder: Path, split: str) -> list[Path]:
 
 
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HH_RLHF_REPO = "Anthropic/hh-rlhf"
-#: The subsets of hh-rlhf with ``{train,test}.jsonl.gz`` files in the chosen/rejected format.
-HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
-#: The environment variable naming a folder with real hh-rlhf files (CI sets it).
-HH_RLHF_DIR_VAR = "DPO_HH_RLHF_DIR"
 #: ``data.source`` prefix for one real hh-rlhf file, found by :func:`hh_rlhf_file`.
 HH_FILE_PREFIX = "hh-rlhf:"
 ORDERS = ("shuffled", "file")
-
-
-def _local_alternatives() -> str:
-    return ("Use a local source instead: source='bundled' (the project's own sample in data/), "
-            "or the path of an hh-rlhf .jsonl/.jsonl.gz file or folder (set "
-            f"${HH_RLHF_DIR_VAR} to a folder of hh-rlhf files to make them the notebooks' "
-            "real data). On a machine with network, the files are at "
-            "https://huggingface.co/datasets/Anthropic/hh-rlhf (one folder per subset).")
-
-
-def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
-    """Raise :class:`HubUnavailableError` at once when the Hub cannot be reached.
-
-    Offline mode (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) is left to the libraries' caches.
-    """
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as error:
-        raise HubUnavailableError(
-            f"cannot load {what} from the Hugging Face Hub: {host} is unreachable ({error}).") \
-            from error
-
-
-def hh_rlhf_file(name: str = "harmless-base/test.jsonl.gz", download: bool = True) -> Path:
-    """One real hh-rlhf file, ``<subset>/<split>.jsonl.gz`` as laid out on the Hub.
-
-    Looked up in the folder ``$DPO_HH_RLHF_DIR`` (as ``name``, or flat as
-    ``harmless-base-test.jsonl.gz``); without that setting, and with ``download``, fetched once
-    through ``huggingface_hub`` into the Hugging Face cache (the harmless-base test file is
-    about 0.7 MB). Raises ``FileNotFoundError`` (the setting names no such file) or
-    :class:`HubUnavailableError` (no setting, and the Hub cannot be reached).
-    """
-    folder = os.environ.get(HH_RLHF_DIR_VAR)
-    flat = name.replace("/", "-")
-    if folder:
-        for candidate in (Path(folder).expanduser() / name, Path(folder).expanduser() / flat):
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(f"${HH_RLHF_DIR_VAR}={folder} holds neither {name} nor {flat}")
-    if not download:
-        raise FileNotFoundError(f"${HH_RLHF_DIR_VAR} is not set and download=False")
-    check_hub_reachable(f"{HH_RLHF_REPO}/{name}")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(HH_RLHF_REPO, name, repo_type="dataset"))
-    except Exception as error:  # offline mode without the file cached, HTTP errors
-        raise HubUnavailableError(f"cannot download {HH_RLHF_REPO}/{name}: {error}") from error
-
-
-def real_hh_source(name: str = "harmless-base/test.jsonl.gz") -> tuple[str, str]:
-    """``(source, how)`` for a notebook that wants real hh-rlhf rows: the file from
-    :func:`hh_rlhf_file` when it can be had, else ``"bundled"``; ``how`` says which, and why."""
-    try:
-        path = hh_rlhf_file(name)
-    except (FileNotFoundError, HubUnavailableError) as error:
-        return "bundled", (f"real hh-rlhf unavailable ({error}); falling back to the bundled "
-                           "synthetic set, which has none of real data's traps")
-    where = f"${HH_RLHF_DIR_VAR}" if os.environ.get(HH_RLHF_DIR_VAR) else "the Hugging Face cache"
-    return str(path), f"real hh-rlhf: {name} from {where}"
-
-
-def _load_hub_subset(repo_id: str, subset: str | None, split: str):
-    """One subset (``data_dir``) of a Hub dataset as a ``datasets.Dataset``."""
-    from datasets import load_dataset
-
-    return load_dataset(repo_id, data_dir=subset, split=split)
-
-
-def _hub_rows(repo_id: str, split: str, data_dir: str | None, limit: int | None, order: str,
-              seed: int) -> tuple[list[tuple[str, int, object]], int]:
-    """``([(subset, row number, row)], rows available)`` of a Hub dataset's split.
-
-    Without ``data_dir``, hh-rlhf is read subset by subset (:data:`HH_SUBSETS`) and the parts
-    concatenated with a ``subset`` column; ``limit`` then takes ``datasets``' own seeded
-    ``shuffle(seed).select(range(limit))`` over all of them (``order="file"``: the first rows).
-    """
-    repo_id = repo_id.removeprefix("hf://")
-    subsets = [data_dir] if data_dir else \
-        list(HH_SUBSETS) if repo_id == HH_RLHF_REPO else [None]
-    try:
-        check_hub_reachable(f"the dataset {repo_id!r}")
-        from datasets import concatenate_datasets
-
-        parts = []
-        for subset in subsets:
-            part = _load_hub_subset(repo_id, subset, split)
-            parts.append(part.add_column("subset", [subset or repo_id] * len(part)))
-        dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    except Exception as error:  # offline, not cached, DNS, HTTP: one clear message
-        raise HubUnavailableError(
-            f"cannot load dataset {repo_id!r} (data_dir={data_dir!r}, split={split!r}) from the "
-            f"Hub: {error}\n{_local_alternatives()}") from error
-    available = len(dataset)
-    dataset = dataset.add_column("row_number", list(range(available)))
-    if limit is not None and limit < available:
-        if order == "shuffled":
-            dataset = dataset.shuffle(seed=seed)
-        dataset = dataset.select(range(limit))
-    rows = [(row.pop("subset"), row.pop("row_number"), row) for row in dataset]
-    return rows, available
 
 
 def _pair_key(row) -> str:
@@ -381,7 +265,7 @@ def _resolve(source) -> str | Path:
     if _HUB_ID.match(text):
         return text
     raise FileNotFoundError(f"data source {text!r} is neither 'bundled', an existing path, "
-                            f"nor a Hub dataset id. {_local_alternatives()}")
+                            f"nor a Hub dataset id. {local_alternatives()}")
 
 
 def _rows(source, split, data_dir, limit, order, seed, test_fraction, report):
@@ -393,7 +277,7 @@ def _rows(source, split, data_dir, limit, order, seed, test_fraction, report):
         if split is None:
             raise ValueError("a Hub dataset is read one split at a time: pass split='train' "
                              "or split='test'")
-        return _hub_rows(resolved, split, data_dir, limit, order, seed)
+        return hub_rows(resolved, split, data_dir, limit, order, seed)
     rows = _local_rows(resolved, split, data_dir, test_fraction, seed, report)
     available = len(rows)
     if limit is not None and limit < available:
@@ -460,170 +344,5 @@ def load_split(cfg, split: str, limit: int | None = None):
     ``data.order`` existed read its rows in file order, and still does."""
     data = cfg.data
     return load_preference_pairs(data.source, split=split, limit=limit,
-                                 data_dir=data.get("data_dir"), order=data.get("order", "file"),
-                                 seed=data.get("seed", 0), test_fraction=data.get("test_fraction"))
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenization, as the DPO reference implementation does it
-# --------------------------------------------------------------------------------------------
-
-class TokenizationReport(dict):
-    """Counts from :func:`tokenize_pairs`: ``pairs``, ``prompt_truncated``, ``response_truncated``."""
-
-    def __str__(self):
-        return ", ".join(f"{key}: {value}" for key, value in self.items())
-
-
-def _truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length):
-    """Prompt keeps its end, responses keep their start (the reference implementation's rule)."""
-    prompt_cut = response_cut = False
-    longer = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
-        prompt_ids, prompt_cut = prompt_ids[-max_prompt_length:], True
-    if len(prompt_ids) + longer > max_length:
-        room = max_length - len(prompt_ids)
-        chosen_ids, rejected_ids, response_cut = chosen_ids[:room], rejected_ids[:room], True
-    return prompt_ids, chosen_ids, rejected_ids, prompt_cut, response_cut
-
-
-def tokenize_pairs(pairs: Sequence[dict], tokenizer, max_length: int, max_prompt_length: int,
-                   progress: bool = False):
-    """Tokenize preference pairs into model inputs.
-
-    Prompt and responses are tokenized separately (no special tokens), EOS is appended to each
-    response, then the pair is truncated to ``max_length``: first the prompt to its last
-    ``max_prompt_length`` tokens, then both responses to their first ``max_length - len(prompt)``.
-    Labels copy the input ids with the prompt masked to -100.
-
-    Returns ``(examples, report)``; each example has lists ``prompt_input_ids`` (P),
-    ``chosen_input_ids``/``chosen_labels`` (P + C) and ``rejected_input_ids``/``rejected_labels``
-    (P + R). ``report`` counts the truncated prompts and responses.
-    """
-    if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length "
-                         f"({max_length}): the responses need room after the prompt")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end responses with")
-    from .progress import tqdm
-
-    report = TokenizationReport(pairs=len(pairs), prompt_truncated=0, response_truncated=0)
-    examples = []
-    chunk = 512
-    bar = tqdm(total=len(pairs), desc="tokenizing", unit="pair", disable=not progress)
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        encoded = {key: tokenizer([p[key] for p in part], add_special_tokens=False)["input_ids"]
-                   for key in ("prompt", "chosen", "rejected")}
-        for prompt_ids, chosen_ids, rejected_ids in zip(
-                encoded["prompt"], encoded["chosen"], encoded["rejected"]):
-            eos = [tokenizer.eos_token_id]
-            prompt_ids, chosen_ids, rejected_ids, prompt_cut, response_cut = _truncate(
-                prompt_ids, chosen_ids + eos, rejected_ids + eos, max_length, max_prompt_length)
-            report["prompt_truncated"] += prompt_cut
-            report["response_truncated"] += response_cut
-            masked = [IGNORE_INDEX] * len(prompt_ids)
-            examples.append({
-                "prompt_input_ids": prompt_ids,
-                "chosen_input_ids": prompt_ids + chosen_ids,
-                "chosen_labels": masked + chosen_ids,
-                "rejected_input_ids": prompt_ids + rejected_ids,
-                "rejected_labels": masked + rejected_ids,
-            })
-        bar.update(len(part))
-    bar.close()
-    return examples, report
-
-
-def sft_examples(examples: Sequence[dict]) -> list[dict]:
-    """SFT examples from tokenized pairs: the prompt and the *chosen* response, loss on the response."""
-    return [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
-
-
-# --------------------------------------------------------------------------------------------
-# Collation and batching
-# --------------------------------------------------------------------------------------------
-
-def pad_to(sequences: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
-    """Right-pad integer lists to ``length``: a LongTensor of shape ``[len(sequences), length]``."""
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        out[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-    return out
-
-
-def collate_preference(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenized pairs into one batch, chosen and rejected to the same length L.
-
-    Returns ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels`` and the same three for
-    ``rejected``, each ``[B, L]``, so that ``torch.cat`` of chosen and rejected is a ``[2B, L]`` batch
-    for one forward pass. Padding is on the right: ids ``pad_token_id``, mask 0, labels -100.
-    """
-    length = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
-    batch = {}
-    for side in ("chosen", "rejected"):
-        ids = [e[f"{side}_input_ids"] for e in examples]
-        batch[f"{side}_input_ids"] = pad_to(ids, pad_token_id, length)
-        batch[f"{side}_attention_mask"] = pad_to([[1] * len(s) for s in ids], 0, length)
-        batch[f"{side}_labels"] = pad_to([e[f"{side}_labels"] for e in examples], IGNORE_INDEX,
-                                         length)
-    return batch
-
-
-def collate_sft(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad SFT examples: ``input_ids``, ``attention_mask``, ``labels``, each ``[B, L]``."""
-    length = max(len(e["input_ids"]) for e in examples)
-    ids = [e["input_ids"] for e in examples]
-    return {"input_ids": pad_to(ids, pad_token_id, length),
-            "attention_mask": pad_to([[1] * len(s) for s in ids], 0, length),
-            "labels": pad_to([e["labels"] for e in examples], IGNORE_INDEX, length)}
-
-
-def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
-    """Share of padded positions among all positions of a collated batch (all its masks)."""
-    masks = [value for key, value in batch.items() if key.endswith("attention_mask")]
-    total = sum(mask.numel() for mask in masks)
-    return 1.0 - sum(int(mask.sum()) for mask in masks) / total if total else 0.0
-
-
-def example_length(example: dict) -> int:
-    """Tokens one example occupies in a batch (the longer side of a pair)."""
-    if "input_ids" in example:
-        return len(example["input_ids"])
-    return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-
-
-def batch_indices(examples: Sequence[dict], batch_size: int, group_by_length: bool = True,
-                  seed: int = 0) -> list[list[int]]:
-    """Shuffled batches of example indices; with ``group_by_length``, examples of similar length
-    share a batch (transformers' mega-batch scheme: shuffle, sort within groups of 50 batches),
-    which cuts padding while keeping the order random."""
-    generator = torch.Generator().manual_seed(seed)
-    if group_by_length:
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        order = get_length_grouped_indices([example_length(e) for e in examples], batch_size,
-                                           generator=generator)
-    else:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padding_report(examples: Sequence[dict], batch_size: int, seed: int = 0,
-                   collate=None) -> dict[str, float]:
-    """Padding fraction over a whole epoch of batches, shuffled at random vs grouped by length.
-
-    ``collate``: how batches are made (default: by the examples' kind; e.g.
-    :func:`dpo_lib.packing.collate_shared_prompt` for the packed layout).
-    """
-    collate = collate or (collate_sft if "input_ids" in examples[0] else collate_preference)
-    result = {}
-    for name, grouped in (("random", False), ("length_grouped", True)):
-        padded = real = 0
-        for indices in batch_indices(examples, batch_size, grouped, seed):
-            batch = collate([examples[i] for i in indices], 0)
-            masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
-            padded += sum(int((m == 0).sum()) for m in masks)
-            real += sum(int(m.sum()) for m in masks)
-        result[name] = padded / (padded + real)
-    return result
+                                 data_dir=data.data_dir, order=data.order,
+                                 seed=data.seed, test_fraction=data.test_fraction)

@@ -8,7 +8,7 @@
    tokenizer and a chat template.
 2. :func:`convert_to_gguf`: llama.cpp's own ``convert_hf_to_gguf.py``, at the version of the
    installed llama-cpp-python runtime (:func:`converter_dir` takes it from that version's source
-   distribution, which vendors the converter and its ``gguf-py``).
+   distribution, which vendors the converter and its ``gguf-py``; :mod:`dpo_lib.llama_runtime`).
 3. :func:`quantize_gguf`: Q8_0, Q4_K_M and the other types of :data:`GGUF_TYPES` through
    ``llama_cpp.llama_model_quantize``.
 
@@ -20,22 +20,24 @@ to them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Config, load_config
+from .cli import command
+from .config import Config
+from .llama_runtime import (ConverterVersionError, ExportError, UnsupportedArchitectureError,
+                            captured_llama_log, converter_dir, cpu_threads, fetch_converter,
+                            gguf_metadata, runtime_version)
 from .models import cache_dir, is_quantized, load_model, load_tokenizer, uses_tiny_tokenizer
+from .runs import load_run_config, reference_run, run_adapter
 
 #: GGUF file types this module makes: ``f16`` and ``f32`` by the converter, the rest by
 #: quantizing the f16 file (the names are llama.cpp's ``LLAMA_FTYPE_MOSTLY_*``).
@@ -57,142 +59,9 @@ HH_CHAT_TEMPLATE = (
 #: which its converter's table of known tokenizers cannot list: it splits text as GPT-2 does.
 TINY_TOKENIZER_PRE = "gpt-2"
 
-CONVERTER_ENV = "DPO_LLAMA_CPP_CONVERTER"
-CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
-
-
-def cpu_threads() -> int:
-    """The cores this process may use (llama.cpp's default is half the machine's): its CPU
-    affinity where the system has one (Linux), else every core (macOS, Windows)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-class ExportError(RuntimeError):
-    """A step of the export failed; the message says which and what to do."""
-
-
-class ConverterVersionError(ExportError):
-    """The converter, the runtime or the checkpoint's transformers version do not match."""
-
-
-class UnsupportedArchitectureError(ExportError):
-    """llama.cpp's converter has no support for the model's architecture."""
-
-
-# --------------------------------------------------------------------------------------------
-# The llama.cpp converter at the runtime's version
-# --------------------------------------------------------------------------------------------
-
-def runtime_version() -> str:
-    """The installed llama-cpp-python version (the runtime that loads the GGUF files)."""
-    try:
-        import llama_cpp
-    except ImportError as error:
-        raise ImportError(
-            "GGUF export and chat need llama-cpp-python: pip install 'dpo-quant[deploy]' (or "
-            "`make setup`); it builds from source, about 6 minutes on 2 cores.") from error
-    return llama_cpp.__version__
-
-
-def fetch_converter(version: str, dest: Path, sdist: str | os.PathLike | None = None) -> Path:
-    """Extract the converter of llama-cpp-python ``version`` into ``dest``.
-
-    From ``sdist`` (a ``llama_cpp_python-<version>.tar.gz``) when given, else from the source
-    distribution that ``pip download`` fetches from the package registry (76 MB; only the
-    converter, its ``conversion`` package and ``gguf-py``, about 2 MB, are kept). Writes
-    ``dest/VERSION``.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        if sdist is None:
-            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                       "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp]
-            result = subprocess.run(command, capture_output=True, text=True)
-            found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-            if result.returncode != 0 or not found:
-                raise ExportError(
-                    f"could not download the source distribution of llama-cpp-python=={version}, "
-                    f"which holds the matching GGUF converter:\n{result.stderr.strip()[-800:]}\n"
-                    f"Offline: fetch llama_cpp_python-{version}.tar.gz elsewhere and run "
-                    f"`python -m dpo_lib.export --fetch-converter --sdist FILE`, or point "
-                    f"${CONVERTER_ENV} at an extracted vendor/llama.cpp folder holding a VERSION "
-                    f"file.")
-            sdist = found[0]
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        staging = Path(tmp) / "converter"
-        with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers() if m.name.startswith(prefix)
-                       and m.name[len(prefix):].split("/")[0] in CONVERTER_FILES]
-            if not members:
-                raise ConverterVersionError(f"{sdist} is not llama-cpp-python {version}'s source "
-                                            f"distribution (no {prefix}convert_hf_to_gguf.py)")
-            for member in members:
-                member.name = member.name[len(prefix):]
-            archive.extractall(staging, members=members, filter="data")
-        (staging / "VERSION").write_text(version + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), dest)
-    return dest
-
-
-def check_converter(folder: Path, version: str | None = None) -> Path:
-    """``folder`` if it holds the converter of the runtime's version, else ConverterVersionError."""
-    version = version or runtime_version()
-    stamp = folder / "VERSION"
-    if not (folder / "convert_hf_to_gguf.py").is_file() or not stamp.is_file():
-        raise ConverterVersionError(f"{folder} holds no llama.cpp converter with a VERSION file")
-    found = stamp.read_text().strip()
-    if found != version:
-        raise ConverterVersionError(
-            f"the GGUF converter in {folder} is llama-cpp-python {found}'s, the installed runtime "
-            f"is {version}: a converter newer or older than the runtime can write files that the "
-            f"runtime misreads. Run `python -m dpo_lib.export --fetch-converter` for {version}'s.")
-    return folder
-
-
-def converter_dir(fetch: bool = True) -> Path:
-    """The converter matching the installed runtime: ``$DPO_LLAMA_CPP_CONVERTER`` if set, else
-    ``<cache>/llama.cpp-<version>``, fetched there (:func:`fetch_converter`) when missing."""
-    version = runtime_version()
-    if os.environ.get(CONVERTER_ENV):
-        return check_converter(Path(os.environ[CONVERTER_ENV]).expanduser(), version)
-    folder = cache_dir() / f"llama.cpp-{version}"
-    if not (folder / "VERSION").is_file() and fetch:
-        fetch_converter(version, folder)
-    return check_converter(folder, version)
-
-
 # --------------------------------------------------------------------------------------------
 # Merge
 # --------------------------------------------------------------------------------------------
-
-def run_config(run_dir: str | os.PathLike) -> Config:
-    """The config saved in a training run's folder, or a clear error."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.yaml "
-                                f"(runs are made by `python -m dpo_lib.train`)")
-    return load_config(str(path))
-
-
-def run_adapter(run_dir: str | os.PathLike) -> Path:
-    """The final LoRA adapter of a run (``RUN_DIR/adapter``), or a clear error."""
-    adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"no adapter in {run_dir}: expected {adapter}/adapter_config.json, which a run writes "
-            f"when it finishes (an unfinished run has only checkpoint-* folders).")
-    return adapter
-
-
-def reference_run(run_dir: str | os.PathLike) -> Path | None:
-    """The SFT run a preference run started from (its reference model), or None."""
-    init = run_config(run_dir).train.get("init_adapter")
-    return Path(init) if init else None
-
 
 def _assert_standard_4bit_layout(model) -> None:
     """Refuse 4-bit layers that bitsandbytes has repacked for CPU inference: dequantizing those
@@ -208,7 +77,7 @@ def on_this_machine(cfg: Config) -> Config:
     """A run's config for loading its base model here: a GPU run (``requires_cuda: true``) loads
     on a CPU-only machine too, since dequantizing its NF4 weights there gives bit-identical values
     (bitsandbytes' CPU and CUDA kernels use the same code book and absmax scales)."""
-    if cfg.get("requires_cuda"):
+    if cfg.requires_cuda:
         return cfg.with_overrides({"requires_cuda": False})
     return cfg
 
@@ -242,7 +111,7 @@ def merge_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     if chat_template not in ("training", "model"):
         raise ValueError(f"chat_template {chat_template!r}: 'training' or 'model'")
-    cfg = run_config(run_dir)
+    cfg = load_run_config(run_dir)
     adapter = run_adapter(run_dir)
     model = PeftModel.from_pretrained(base_weights(cfg, target), adapter).merge_and_unload()
     out_dir = Path(out_dir)
@@ -290,21 +159,6 @@ def expected_gguf_hparams(config: dict) -> dict[str, int]:
             "attention.head_count": heads, "rope.dimension_count": int(factor * head_dim)}
 
 
-def gguf_metadata(path: str | os.PathLike) -> dict:
-    """The scalar and string fields of a GGUF file's header (through the ``gguf`` package)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(path))
-    fields = {}
-    for name, field in reader.fields.items():
-        if not field.types or field.types[0] == GGUFValueType.ARRAY:
-            continue
-        value = field.parts[field.data[0]]
-        fields[name] = (bytes(value).decode("utf-8", "replace")
-                        if field.types[0] == GGUFValueType.STRING else value.tolist()[0])
-    return fields
-
-
 def check_gguf_hparams(gguf_path: Path, config: dict) -> None:
     """Raise ExportError where the GGUF header disagrees with the checkpoint's config."""
     meta = gguf_metadata(gguf_path)
@@ -344,28 +198,6 @@ def convert_to_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike,
     return out_file
 
 
-@contextlib.contextmanager
-def _captured_llama_log():
-    """Collect llama.cpp's log into a list instead of the output: native code writes to file
-    descriptor 2, and llama-cpp-python's log callback to ``sys.stderr`` (a notebook's stream)."""
-    import io
-
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    python_log = io.StringIO()
-    with tempfile.TemporaryFile(mode="w+b") as log, contextlib.redirect_stderr(python_log):
-        os.dup2(log.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            log.seek(0)
-            lines.extend(log.read().decode("utf-8", "replace").splitlines())
-            lines.extend(python_log.getvalue().splitlines())
-
-
 #: Tensors a quantization gave another type than asked for (K-quants need rows of 256).
 FALLBACK_LOG = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
 
@@ -388,7 +220,7 @@ def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = cpu_threads()
-    with _captured_llama_log() as lines:
+    with captured_llama_log() as lines:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(),
                                                 ctypes.byref(params))
     if log is not None:
@@ -419,7 +251,7 @@ def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
     for qtype in quants:
         if qtype not in GGUF_TYPES:
             raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
-    cfg = run_config(run_dir)
+    cfg = load_run_config(run_dir)
     run_adapter(run_dir)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -503,9 +335,10 @@ def write_space(gguf_path: str | os.PathLike, folder: str | os.PathLike, title: 
     return folder
 
 
+@command("dpo-export")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_lib.export",
+        prog="dpo-export",
         description="Merge a run's LoRA adapter, convert to GGUF with llama.cpp's converter, "
                     "quantize, and optionally verify against the transformers model.")
     parser.add_argument("run_dir", nargs="?", help="a training run's output_dir")
@@ -544,7 +377,7 @@ def main(argv=None) -> int:
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     if args.space:
         last = [name for name in files if name != "merged"][-1]
-        cfg = run_config(args.run_dir)
+        cfg = load_run_config(args.run_dir)
         folder = write_space(files[last], Path(files[last]).parent / "space",
                              base=cfg.model.name, loss=cfg.train.loss_type)
         print(f"Space folder: {folder}")

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import cpu_threads
+from .llama_runtime import cpu_threads
+from .logps import next_token_log_probs
 from .memory import peak_rss_mb
 
 
@@ -54,8 +55,7 @@ def gguf_log_probs(llm, ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def hf_log_probs(model, ids: list[int]) -> torch.Tensor:
     """``[T - 1, V]`` next-token log-probabilities of a transformers model (fp32)."""
-    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1]
-    return torch.log_softmax(logits.float().cpu(), dim=-1)
+    return next_token_log_probs(model, torch.tensor([ids], device=model.device))[0].cpu()
 
 
 def compare_logits(other, model, sequences: list[list[int]]) -> dict[str, float]:
@@ -94,7 +94,7 @@ def _response_logp(llm, start: int, ids: list[int]) -> float:
 
 def pair_logps_gguf(llm, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs ``(chosen [N], rejected [N])`` of tokenized pairs (as
-    :func:`dpo_lib.data.tokenize_pairs` makes them) under a GGUF model. The shared prompt is
+    :func:`dpo_lib.batches.tokenize_pairs` makes them) under a GGUF model. The shared prompt is
     evaluated once per pair: the rejected answer continues from the prompt's cached keys/values."""
     chosen, rejected = [], []
     for example in examples:
@@ -111,11 +111,11 @@ def pair_logps_gguf(llm, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def pair_logps_hf(model, examples: list[dict],
                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """The same as :func:`pair_logps_gguf` for a transformers model: the trainer's no-grad pass,
-    :func:`dpo_lib.train.precompute_reference_logps`."""
-    from .train import precompute_reference_logps
+    :func:`dpo_lib.reference.precompute_reference_logps`."""
+    from .reference import precompute_reference_logps
 
     table = precompute_reference_logps(model, examples, batch_size, progress=False)
-    return table["chosen_sums"].numpy(), table["rejected_sums"].numpy()
+    return table.chosen_sums.numpy(), table.rejected_sums.numpy()
 
 
 def preference_accuracies(policy: tuple[np.ndarray, np.ndarray],
@@ -181,11 +181,11 @@ def runtime_figures(path: str | os.PathLike, n_new: int = 64, threads: int | Non
 def held_out(run_dir, n_pairs: int = 48, tokenizer=None):
     """Tokenized held-out (test split) pairs of a run's data, with the run's tokenizer:
     ``(examples, sequences)``; ``sequences`` are prompt + chosen answer, the text for KL."""
-    from .export import run_config
     from .models import load_tokenizer
+    from .runs import load_run_config
     from .train import load_examples
 
-    cfg = run_config(run_dir)
+    cfg = load_run_config(run_dir)
     tokenizer = tokenizer or load_tokenizer(cfg)
     _, examples, _ = load_examples(cfg, tokenizer, "test", n_pairs)
     return examples, [e["chosen_input_ids"] for e in examples]
@@ -208,14 +208,14 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from .progress import tqdm
 
-    from .export import run_config
-    from .train import average_logps
+    from .runs import load_run_config
+    from .steps import average_logps
 
     merged = Path(files["merged"])
     tokenizer = AutoTokenizer.from_pretrained(merged)
     examples, sequences = held_out(run_dir, n_pairs, tokenizer)
     n_ctx = max(len(s) for s in [*sequences, *(e["rejected_input_ids"] for e in examples)]) + 8
-    if average_logps(run_config(run_dir)):       # the run's aggregation: IPO's token means
+    if average_logps(load_run_config(run_dir)):       # the run's aggregation: IPO's token means
         counts = [np.array([len(e[f"{side}_input_ids"]) - len(e["prompt_input_ids"])
                             for e in examples]) for side in ("chosen", "rejected")]
     else:

@@ -18,17 +18,22 @@ seq_len=512, gradient_checkpointing=True)`` returns a :class:`MemoryEstimate` wi
   layer keeps only its input (``h`` per token) and one layer's full set is rebuilt at a time in
   the backward pass. Plus one dequantized weight matrix, the largest, as the 4-bit matmul's
   workspace;
-* ``logits``: the ``[sequences, T, vocab]`` logits in the compute dtype, their fp32 log-softmax
-  (kept for the backward pass) and its gradient: the largest single item for short models with
-  big vocabularies.
+* ``logits``: the output layer's part. Plain (``chunked_head=False``): the ``[sequences, T, vocab]``
+  logits in the compute dtype, which the log-prob function keeps for the backward pass, and their
+  gradient of the same size, plus one fp32 chunk of :data:`dpo_lib.logps.CHUNK_ELEMENTS` logits
+  at a time in each direction. Chunked (``train.chunked_head``): no logits tensor; the final
+  hidden states of the answer tokens (a ``[M, H]`` copy) and one chunk's fp32 logits, their
+  gradient and its copy in the weights' dtype: the largest single item for short models with big
+  vocabularies becomes a constant.
 
 DPO scores chosen and rejected responses in one forward pass, so ``batch`` preference pairs make
-``2 * batch`` sequences (``pairs=False``: ``batch`` is the number of sequences). The reference
-pass (adapters disabled, no grad) runs before the policy pass and frees its activations, so it
-adds nothing to the peak. Not included: the CUDA context (about 0.3-0.6 GB, outside PyTorch's
+``2 * batch`` sequences (``pairs=False``: ``batch`` is the number of sequences); with
+``shared_prompt`` each pair is one packed sequence of ``2 * seq_len - prompt_len`` tokens
+(:mod:`dpo_lib.packing`). The trainer computes the reference log-probs once, before training
+(:mod:`dpo_lib.reference`), so the reference pass adds nothing to a step's peak. Not included: the CUDA context (about 0.3-0.6 GB, outside PyTorch's
 ``max_memory_allocated``), allocator fragmentation, the Python process itself (CPU), the data.
 :func:`fits` adds a stated headroom for those. ``benchmarks/memory.py`` checks the prediction
-against measured peaks.
+against the measured peak of the trainer's own step (:func:`trainer_step`).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .logps import CHUNK_ELEMENTS
 from .quantization import bytes_per_parameter
 
 GB = 1e9
@@ -131,7 +137,8 @@ def activation_values_per_token(shapes: ModelShapes) -> int:
 def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
                     lora_r: int = 8, batch: int = 4, seq_len: int = 512,
                     gradient_checkpointing: bool = False, compute_dtype: str = "bfloat16",
-                    pairs: bool = True) -> MemoryEstimate:
+                    pairs: bool = True, chunked_head: bool = False, shared_prompt: bool = False,
+                    prompt_len: int = 0) -> MemoryEstimate:
     """Predicted peak memory of one LoRA training step (bytes, by part).
 
     ``model``: an architecture name, config or model (see :func:`model_shapes`).
@@ -139,6 +146,9 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
     (16-bit weights), ``fp32``/``none``. ``compute_dtype``: the dtype of activations and logits
     (``float32`` on CPU, ``bfloat16`` on recent GPUs). ``batch`` counts preference pairs
     (``pairs=True``: ``2 * batch`` sequences of ``seq_len`` tokens) or sequences.
+    ``chunked_head``, ``shared_prompt``: the trainer's ``train.chunked_head`` and
+    ``train.shared_prompt``; ``prompt_len``: the prompt's tokens in each sequence (labels -100;
+    the packed layout holds them once per pair, the chunked head skips them).
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(model)
     if compute_dtype not in DTYPE_BYTES:
@@ -156,7 +166,13 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
 
     lora = 16 * lora_r * sum(i + o for i, o in shapes.linear)
 
-    tokens = (2 * batch if pairs else batch) * seq_len
+    if not 0 <= prompt_len < seq_len:
+        raise ValueError("prompt_len must be in [0, seq_len)")
+    if shared_prompt and not pairs:
+        raise ValueError("shared_prompt packs pairs: it needs pairs=True")
+    sequences = 2 * batch if pairs else batch
+    answer_tokens = sequences * (seq_len - prompt_len)
+    tokens = batch * (2 * seq_len - prompt_len) if shared_prompt else sequences * seq_len
     per_layer = activation_values_per_token(shapes) * tokens * act_bytes
     if gradient_checkpointing:
         activations = shapes.layers * shapes.hidden * tokens * act_bytes + per_layer
@@ -165,9 +181,60 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
     if quantized:  # the 4/8-bit matmul dequantizes one weight matrix at a time
         activations += max(i * o for i, o in shapes.linear) * act_bytes
 
-    logits = tokens * shapes.vocab * (act_bytes + 4 + 4)
+    if chunked_head:   # one chunk of rows through the head: fp32 logits, their gradient, a copy
+        chunk = min(CHUNK_ELEMENTS // shapes.vocab * shapes.vocab, answer_tokens * shapes.vocab)
+        logits = answer_tokens * shapes.hidden * act_bytes + chunk * (4 + 4 + act_bytes)
+    else:              # logits kept for backward and their gradient; one sequence's fp32 chunk
+        chunk = min(CHUNK_ELEMENTS // shapes.vocab * shapes.vocab, seq_len * shapes.vocab)
+        # the packed layout also gathers the answer positions' logits out of the sequence's
+        kept = tokens + (answer_tokens if shared_prompt else 0)
+        logits = kept * shapes.vocab * act_bytes * 2 + chunk * 4 * 2
+    if shared_prompt:  # the [B, 1, T, T] attention mask of the packed layout (boolean)
+        activations += batch * (2 * seq_len - prompt_len) ** 2
     return MemoryEstimate(weights=int(weights), lora=int(lora), activations=int(activations),
                           logits=int(logits))
+
+
+def random_pair_examples(pairs: int, seq_len: int, prompt_len: int, vocab: int,
+                         seed: int = 0) -> list[dict]:
+    """``pairs`` tokenized pairs (as :func:`dpo_lib.batches.tokenize_pairs` makes them) of random
+    ids: a shared ``prompt_len``-token prompt and two answers filling ``seq_len`` tokens each, so
+    that a batch has no padding (the worst case for memory)."""
+    from .batches import IGNORE_INDEX
+
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(pairs):
+        ids = torch.randint(0, vocab, (3, seq_len), generator=generator).tolist()
+        prompt = ids[0][:prompt_len]
+        masked = [IGNORE_INDEX] * prompt_len
+        chosen, rejected = prompt + ids[1][prompt_len:], prompt + ids[2][prompt_len:]
+        examples.append({"prompt_input_ids": prompt, "chosen_input_ids": chosen,
+                         "chosen_labels": masked + chosen[prompt_len:],
+                         "rejected_input_ids": rejected,
+                         "rejected_labels": masked + rejected[prompt_len:]})
+    return examples
+
+
+def trainer_step(model, optimizer, accelerator, examples, reference, cfg, indices=None):
+    """One optimizer step of the trainer on ``examples[indices]`` (all of them by default), through
+    its own functions: :func:`dpo_lib.forward.collate_pairs` in the config's layout,
+    :func:`dpo_lib.steps.preference_step_outputs` against the cached ``reference``
+    (:func:`dpo_lib.reference.precompute_reference_logps`), backward, the optimizer's step.
+    Returns the per-pair losses ``[B]`` and the step's :class:`~dpo_lib.steps.PreferenceRows`."""
+    from .forward import collate_pairs, pad_id, to_device
+    from .steps import preference_step_outputs
+
+    indices = list(range(len(examples))) if indices is None else list(indices)
+    pad = pad_id(accelerator.unwrap_model(model))
+    batch = to_device(collate_pairs([examples[i] for i in indices], pad, cfg.train.shared_prompt),
+                      accelerator.device)
+    model.train()
+    with accelerator.autocast():
+        losses, rows = preference_step_outputs(model, batch, reference, indices, cfg)
+        accelerator.backward(losses.mean())
+    optimizer.step()
+    return losses.detach(), rows
 
 
 #: Memory a GPU run needs beyond the estimate: CUDA context and allocator fragmentation.
@@ -187,11 +254,11 @@ def fits(budget_gb: float, model="pythia-2.8b", **kwargs) -> tuple[bool, float, 
     return needed <= budget_gb, needed, estimate
 
 
-def peak_rss_mb(status_file: str = "/proc/self/status") -> float | None:
+def peak_rss_mb(status_file: str = "/proc/self/status", field: str = "VmHWM") -> float | None:
     """This process's peak resident memory in MiB, or None where the system does not say.
 
     Linux: ``VmHWM`` from ``/proc/self/status`` (this process's own peak; ``ru_maxrss`` of a
-    forked child would include its parent's). Elsewhere: ``resource.getrusage``'s ``ru_maxrss``
+    forked child would include its parent's); ``field="VmRSS"`` reads the resident size now. Elsewhere: ``resource.getrusage``'s ``ru_maxrss``
     (bytes on macOS, KiB on other Unix systems), then psutil's peak working set (Windows, when
     psutil is installed). Self-contained (its imports inside), so that a subprocess script can
     carry its source.
@@ -201,7 +268,7 @@ def peak_rss_mb(status_file: str = "/proc/self/status") -> float | None:
     try:
         with open(status_file) as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -21,7 +21,7 @@ import torch
 
 from .config import Config, require_device
 from .bundled import TINY_TOKENIZER_DIR
-from .data import HubUnavailableError, check_hub_reachable
+from .hub import HubUnavailableError, check_hub_reachable
 from .progress import quiet_transformers
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -128,8 +128,7 @@ def load_tokenizer(cfg_or_name, trust_remote_code: bool = False):
 
     name = _name(cfg_or_name)
     if isinstance(cfg_or_name, Config):
-        trust_remote_code = trust_remote_code or bool(cfg_or_name.model.get("trust_remote_code",
-                                                                            False))
+        trust_remote_code = trust_remote_code or cfg_or_name.model.trust_remote_code
     if uses_tiny_tokenizer(name):
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(TINY_TOKENIZER_DIR / "tokenizer.json"),
@@ -234,16 +233,16 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     quiet_transformers()
     require_device(cfg, "its model")
     name = cfg.model.name
-    trust_remote_code = trust_remote_code or bool(cfg.model.get("trust_remote_code", False))
+    trust_remote_code = trust_remote_code or cfg.model.trust_remote_code
     quantization = quantization or cfg.model.quantization
-    dtype = compute_dtype(cfg.model.get("compute_dtype", "auto"))
+    dtype = compute_dtype(cfg.model.compute_dtype)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(quantization, dtype)
-    bnb = quantization_config(quantization, cfg.model.get("double_quant", False), dtype,
-                              cfg.model.get("quant_storage"))
+    bnb = quantization_config(quantization, cfg.model.double_quant, dtype,
+                              cfg.model.quant_storage)
     device_map = process_device_map()
     if name == "tiny-gpt-neox" or name.startswith("random:"):
         arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
-        torch.manual_seed(cfg.model.get("init_seed", 0) if seed is None else seed)
+        torch.manual_seed(cfg.model.init_seed if seed is None else seed)
         model = AutoModelForCausalLM.from_config(architecture_config(arch), dtype=weight_dtype)
         if bnb is None:
             return model
@@ -445,13 +444,3 @@ def reference_mode(model):
             yield model
     finally:
         model.train(was_training)
-
-
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Log-probability of each next token: ``[B, T]`` ids -> ``[B, T - 1]`` float32.
-
-    Entry ``[b, t]`` is ``log p(input_ids[b, t + 1] | input_ids[b, :t + 1])``.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(
-        -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

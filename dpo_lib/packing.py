@@ -2,7 +2,7 @@
 
 A preference pair is ``(prompt, chosen, rejected)`` and in hh-rlhf the prompt is most of the
 tokens (about 118 of 118 + 41 + 50 with the SmolLM2 tokenizer). The plain forward pass
-(:func:`dpo_lib.train.concatenated_logps`) runs the prompt twice, once before each answer. Here
+(:func:`dpo_lib.forward.concatenated_logps`) runs the prompt twice, once before each answer. Here
 each pair is one sequence::
 
     tokens     p0 p1 p2 | c0 c1 | r0 r1 r2
@@ -25,14 +25,14 @@ from typing import Sequence
 
 import torch
 
-from .data import IGNORE_INDEX, pad_to
-from .losses import head_logps, response_logps
+from .batches import IGNORE_INDEX, pad_to
+from .logps import PairLogps, answer_counts, model_states, states_logps
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 
 
 def collate_shared_prompt(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pack tokenized pairs (from :func:`dpo_lib.data.tokenize_pairs`) into one batch.
+    """Pack tokenized pairs (from :func:`dpo_lib.batches.tokenize_pairs`) into one batch.
 
     Returns ``[B, T]`` tensors ``input_ids``, ``position_ids``, ``segment_ids`` (0 prompt, 1 chosen,
     2 rejected, -1 padding) and ``packed_attention_mask`` (1 on real tokens), with
@@ -114,31 +114,25 @@ def attention_implementation(model) -> str:
     return implementation
 
 
-def shared_prompt_logps(model, batch: dict[str, torch.Tensor], chunked_head: bool = False):
+def shared_prompt_logps(model, batch: dict[str, torch.Tensor],
+                        chunked_head: bool = False) -> PairLogps:
     """Summed answer log-probs from one packed forward pass per pair.
 
-    Same contract as :func:`dpo_lib.train.concatenated_logps`: fp32 ``(chosen_sums [B],
-    rejected_sums [B], chosen_counts [B], rejected_counts [B])``. ``chunked_head``: the output
-    layer only at the answer-predicting positions, in chunks.
+    Same contract as :func:`dpo_lib.forward.concatenated_logps`: fp32 ``[B]`` sums and counts.
+    ``chunked_head``: the output layer only at the answer-predicting positions, in chunks.
     """
-    from .train import final_hidden, output_head
-
     implementation = attention_implementation(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     mask = attention_mask_4d(batch["segment_ids"], dtype, boolean=implementation != "eager")
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask,
-                  position_ids=batch["position_ids"])
-    states = final_hidden(model, **inputs) if chunked_head else model(**inputs).logits  # [B, T, H|V]
-    out = []
+    states = model_states(model, chunked_head, input_ids=batch["input_ids"], attention_mask=mask,
+                          position_ids=batch["position_ids"])                      # [B, T, H|V]
+    sums = []
     for side in ("chosen", "rejected"):
         rows = batch[f"{side}_rows"]                                             # [B, N]
         picked = states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
-        targets = batch[f"{side}_targets"]
-        out.append(head_logps(picked, output_head(model), targets) if chunked_head
-                   else response_logps(picked, targets))                         # [B]
-    counts = [(batch[f"{side}_targets"] != IGNORE_INDEX).sum(-1).float()
-              for side in ("chosen", "rejected")]
-    return out[0], out[1], counts[0], counts[1]
+        sums.append(states_logps(model, picked, batch[f"{side}_targets"], chunked_head))  # [B]
+    return PairLogps(sums[0], sums[1], answer_counts(batch["chosen_targets"]),
+                     answer_counts(batch["rejected_targets"]))
 
 
 def packed_token_fraction(examples: Sequence[dict]) -> float:

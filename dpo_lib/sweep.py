@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .cli import command
 from .config import RUNS_DIR, Config, load_config
 
 #: What ``--out`` copies of a run folder (a few kB): its config, logs, timings, filtered pairs.
@@ -37,8 +38,8 @@ def load_sweep(path) -> dict[str, dict]:
     return {name: {**common, **(overrides or {})} for name, overrides in runs.items()}
 
 
-def run_config(cfg: Config, name: str, overrides: dict) -> Config:
-    """The config of one sweep run."""
+def config_of_run(cfg: Config, name: str, overrides: dict) -> Config:
+    """The config of the sweep's run ``name``: ``cfg`` with the run's overrides."""
     overrides = dict(overrides)
     if overrides.get("init_adapter") == "sft":
         overrides["init_adapter"] = str(RUNS_DIR / f"{cfg.profile}-sft")
@@ -60,7 +61,7 @@ def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True) -> d
 
     folders = {}
     for name, overrides in load_sweep(sweep_path).items():
-        run_cfg = run_config(cfg, name, overrides)
+        run_cfg = config_of_run(cfg, name, overrides)
         if not is_complete(run_cfg):
             if progress:
                 print(f"sweep run {name}: {overrides}")
@@ -86,8 +87,9 @@ def load_sweep_runs(folder) -> dict[str, tuple]:
     return runs
 
 
+@command("dpo-sweep")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo_lib.sweep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dpo-sweep", description=__doc__)
     parser.add_argument("sweep")
     parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
     parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")

@@ -63,14 +63,14 @@ def run_training(out: Path, args) -> None:
         train_lib.make_optimizer = lambda cfg, parameters: torch.optim.SGD(
             parameters, lr=train_lib.learning_rate(cfg))
     if args.nan_rank == rank:
-        original, calls = train_lib.sft_step_outputs, [0]
+        original, calls = train_lib.sft_nll, [0]
 
         def poisoned(model, batch, *rest):
             calls[0] += 1
             nll, counts = original(model, batch, *rest)
             return (nll * float("nan") if calls[0] == args.nan_call else nll), counts
 
-        train_lib.sft_step_outputs = poisoned
+        train_lib.sft_nll = poisoned
     cfg = load_config("tiny", overrides=args.overrides)
     try:
         train_lib.train(cfg, progress=False)

@@ -36,3 +36,9 @@ def test_trl_comparison_runs_and_agrees(tmp_path):
     assert by[("preference", "ours")]["reference_seconds"] is not None
     assert by[("preference", "trl-best")]["reference_seconds"] is not None
     assert "ours/trl-best" in done.stdout
+    assert "measured matrix-multiply peak: " in done.stdout
+    summary = json.loads(out.read_text())
+    assert summary["matmul_peak_gflops"] > 0 and summary["matmul_parameters"] > 0
+    for key, result in by.items():
+        if key[1] != "agreement":
+            assert result["gflop_per_second"] > 0 and 0 < result["peak_share"], key

@@ -4,7 +4,8 @@ import torch
 
 from dpo_lib import ches
 from dpo_lib.config import load_config
-from dpo_lib.data import load_split, tokenize_pairs
+from dpo_lib.batches import tokenize_pairs
+from dpo_lib.data import load_split
 from dpo_lib.models import add_lora, load_model, load_tokenizer
 
 

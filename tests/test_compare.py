@@ -8,6 +8,7 @@ import torch
 from dpo_lib import compare
 from dpo_lib import train as train_lib
 from dpo_lib.config import load_config
+from dpo_lib.logps import PairLogps
 
 
 def test_sign_test_by_hand():
@@ -26,9 +27,9 @@ def test_sign_test_by_hand():
 
 def test_accuracies_and_sign_tests_from_tables():
     def table(chosen, rejected, counts=(1, 1, 1, 1)):
-        return {"chosen_sums": torch.tensor(chosen), "rejected_sums": torch.tensor(rejected),
-                "chosen_counts": torch.tensor(counts, dtype=torch.float),
-                "rejected_counts": torch.tensor(counts, dtype=torch.float)}
+        return PairLogps(torch.tensor(chosen), torch.tensor(rejected),
+                         torch.tensor(counts, dtype=torch.float),
+                         torch.tensor(counts, dtype=torch.float))
 
     tables = {"base": table([-5., -5., -5., -5.], [-4., -6., -4., -6.]),
               "SFT": table([-4., -4., -6., -6.], [-4., -6., -4., -6.]),

@@ -7,11 +7,11 @@ import socket
 import pytest
 import torch
 
-from dpo_lib import data
-from dpo_lib.data import (ASSISTANT, HUMAN, IGNORE_INDEX, HubUnavailableError, PairError,
-                          batch_indices, collate_preference, collate_sft, load_preference_pairs,
-                          padding_fraction, padding_report, sft_examples, split_hh_pair,
-                          tokenize_pairs)
+from dpo_lib import data, hub
+from dpo_lib.batches import (IGNORE_INDEX, batch_indices, collate_preference, collate_sft,
+                             padding_fraction, padding_report, sft_examples, tokenize_pairs)
+from dpo_lib.data import ASSISTANT, HUMAN, PairError, load_preference_pairs, split_hh_pair
+from dpo_lib.hub import HubUnavailableError
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -146,13 +146,13 @@ def test_hub_source_in_offline_mode_without_cache(monkeypatch, tmp_path):
 
 def _real_hh_file():
     try:
-        return data.hh_rlhf_file(download=False)
+        return hub.hh_rlhf_file(download=False)
     except FileNotFoundError:
         return None
 
 
 REAL_HH = _real_hh_file()
-needs_real_hh = pytest.mark.skipif(REAL_HH is None, reason=f"${data.HH_RLHF_DIR_VAR} not set "
+needs_real_hh = pytest.mark.skipif(REAL_HH is None, reason=f"${hub.HH_RLHF_DIR_VAR} not set "
                                    "(CI sets it to ../shared/data/hh-rlhf)")
 
 
@@ -280,7 +280,7 @@ def test_train_and_test_are_disjoint_on_every_kind_of_source(kind, tmp_path, mon
         source = str(_hh_folder(tmp_path, {"a": 60, "b": 60}, splits=("train",)))
     else:
         source = "Anthropic/hh-rlhf"
-        _fake_hub(monkeypatch, {subset: 40 for subset in data.HH_SUBSETS})
+        _fake_hub(monkeypatch, {subset: 40 for subset in hub.HH_SUBSETS})
     train, _ = load_preference_pairs(source, "train", **kwargs)
     test, _ = load_preference_pairs(source, "test", **kwargs)
     assert train and test and not _prompts(train) & _prompts(test), kind
@@ -299,8 +299,8 @@ def _fake_hub(monkeypatch, sizes: dict):
         calls.append((repo_id, subset, split))
         return Dataset.from_list([_row(i, f"{subset}-{split}") for i in range(sizes[subset])])
 
-    monkeypatch.setattr(data, "check_hub_reachable", lambda what, timeout=5.0: None)
-    monkeypatch.setattr(data, "_load_hub_subset", load_subset)
+    monkeypatch.setattr(hub, "check_hub_reachable", lambda what, timeout=5.0: None)
+    monkeypatch.setattr(hub, "_load_hub_subset", load_subset)
     return calls
 
 
@@ -308,11 +308,11 @@ def test_gpu_profile_samples_its_pairs_from_every_hub_subset(monkeypatch):
     from dpo_lib.config import load_config
 
     cfg = load_config("gpu", overrides={"data.train_limit": 200, "data.test_limit": 40})
-    calls = _fake_hub(monkeypatch, {subset: 500 for subset in data.HH_SUBSETS})
+    calls = _fake_hub(monkeypatch, {subset: 500 for subset in hub.HH_SUBSETS})
     pairs, report = data.load_split(cfg, "train", cfg.data.train_limit)
     assert len(pairs) == 200 and report.available == 2000
-    assert set(report.subsets) == set(data.HH_SUBSETS) and min(report.subsets.values()) > 20
-    assert {subset for _, subset, _ in calls} == set(data.HH_SUBSETS)
+    assert set(report.subsets) == set(hub.HH_SUBSETS) and min(report.subsets.values()) > 20
+    assert {subset for _, subset, _ in calls} == set(hub.HH_SUBSETS)
     assert data.load_split(cfg, "train", 200)[0] == pairs                # reproducible
     test, test_report = data.load_split(cfg, "test", cfg.data.test_limit)
     assert len(test_report.subsets) == 4 and not _prompts(test) & _prompts(pairs)
@@ -327,14 +327,14 @@ def test_real_data_setting_and_its_fallbacks(tmp_path, monkeypatch):
     import huggingface_hub
 
     _write(tmp_path / "harmless-base-test.jsonl.gz", [_row(i) for i in range(5)])
-    monkeypatch.setenv(data.HH_RLHF_DIR_VAR, str(tmp_path))
-    assert data.hh_rlhf_file() == tmp_path / "harmless-base-test.jsonl.gz"
-    source, how = data.real_hh_source()
+    monkeypatch.setenv(hub.HH_RLHF_DIR_VAR, str(tmp_path))
+    assert hub.hh_rlhf_file() == tmp_path / "harmless-base-test.jsonl.gz"
+    source, how = hub.real_hh_source()
     assert source == str(tmp_path / "harmless-base-test.jsonl.gz") and "DPO_HH_RLHF_DIR" in how
     pairs, _ = load_preference_pairs("hh-rlhf:harmless-base/test.jsonl.gz", split=None)
     assert len(pairs) == 5
 
-    monkeypatch.delenv(data.HH_RLHF_DIR_VAR)
+    monkeypatch.delenv(hub.HH_RLHF_DIR_VAR)
     downloaded = _write(tmp_path / "cache" / "test.jsonl.gz", [_row(1)])
     asked = []
 
@@ -342,13 +342,13 @@ def test_real_data_setting_and_its_fallbacks(tmp_path, monkeypatch):
         asked.append((repo_id, filename, repo_type))
         return str(downloaded)
 
-    monkeypatch.setattr(data, "check_hub_reachable", lambda what, timeout=5.0: None)
+    monkeypatch.setattr(hub, "check_hub_reachable", lambda what, timeout=5.0: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    assert data.real_hh_source()[0] == str(downloaded)
+    assert hub.real_hh_source()[0] == str(downloaded)
     assert asked == [("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz", "dataset")]
 
     monkeypatch.undo()
-    monkeypatch.delenv(data.HH_RLHF_DIR_VAR, raising=False)
+    monkeypatch.delenv(hub.HH_RLHF_DIR_VAR, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
 
@@ -356,7 +356,7 @@ def test_real_data_setting_and_its_fallbacks(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    source, how = data.real_hh_source()
+    source, how = hub.real_hh_source()
     assert source == "bundled" and "falling back to the bundled" in how
 
 

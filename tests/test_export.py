@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="GGUF export needs llama-cpp-python (the deploy extra)")
 
-from dpo_lib import export, gguf_check  # noqa: E402
+from dpo_lib import export, gguf_check, llama_runtime  # noqa: E402
+from dpo_lib.runs import load_run_config  # noqa: E402
 from dpo_lib.chat import reply, stream_reply  # noqa: E402
 from dpo_lib.config import load_config  # noqa: E402
 from dpo_lib.models import add_lora, load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
@@ -56,7 +57,7 @@ def merged_model(tiny_export):
 def test_converter_matches_runtime():
     import llama_cpp
 
-    folder = export.converter_dir()
+    folder = llama_runtime.converter_dir()
     assert (folder / "VERSION").read_text().strip() == llama_cpp.__version__
     assert (folder / "convert_hf_to_gguf.py").is_file() and (folder / "gguf-py").is_dir()
 
@@ -64,9 +65,9 @@ def test_converter_matches_runtime():
 def test_converter_of_another_version_is_refused(tmp_path, monkeypatch):
     (tmp_path / "convert_hf_to_gguf.py").write_text("")
     (tmp_path / "VERSION").write_text("0.0.1\n")
-    monkeypatch.setenv(export.CONVERTER_ENV, str(tmp_path))
-    with pytest.raises(export.ConverterVersionError, match="0.0.1.*--fetch-converter"):
-        export.converter_dir()
+    monkeypatch.setenv(llama_runtime.CONVERTER_ENV, str(tmp_path))
+    with pytest.raises(llama_runtime.ConverterVersionError, match="0.0.1.*--fetch-converter"):
+        llama_runtime.converter_dir()
 
 
 def test_checkpoint_of_another_transformers_major_is_refused(tiny_export, tmp_path):
@@ -75,7 +76,7 @@ def test_checkpoint_of_another_transformers_major_is_refused(tiny_export, tmp_pa
     config = json.loads((copy / "config.json").read_text())
     config["transformers_version"] = "4.46.3"
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(export.ConverterVersionError, match="rotary_pct"):
+    with pytest.raises(llama_runtime.ConverterVersionError, match="rotary_pct"):
         export.convert_to_gguf(copy, tmp_path / "x.gguf")
 
 
@@ -102,18 +103,18 @@ def test_unsupported_architecture(tmp_path):
                        num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     load_tokenizer("tiny-gpt-neox").save_pretrained(tmp_path)
-    with pytest.raises(export.UnsupportedArchitectureError, match="does not support OPTForCausalLM"):
+    with pytest.raises(llama_runtime.UnsupportedArchitectureError, match="does not support OPTForCausalLM"):
         export.convert_to_gguf(tmp_path, tmp_path / "x.gguf")
 
 
 def test_gpt_neox_header_has_the_partial_rotary_dimension(tiny_export):
-    meta = export.gguf_metadata(tiny_export[2]["f16"])
+    meta = llama_runtime.gguf_metadata(tiny_export[2]["f16"])
     # tiny-gpt-neox: head dim 64 / 4 = 16, partial_rotary_factor 0.25 -> 4 rotary dimensions
     assert meta["general.architecture"] == "gptneox"
     assert meta["gptneox.rope.dimension_count"] == 4
     config = json.loads((Path(tiny_export[2]["merged"]) / "config.json").read_text())
     config["rope_parameters"]["partial_rotary_factor"] = 0.5
-    with pytest.raises(export.ExportError, match="rope.dimension_count"):
+    with pytest.raises(llama_runtime.ExportError, match="rope.dimension_count"):
         export.check_gguf_hparams(tiny_export[2]["f16"], config)
 
 
@@ -236,7 +237,7 @@ def test_repacked_4bit_weights_are_refused(tmp_path):
                    for m in model.modules() if hasattr(m, "weight"))
     if not repacked:
         pytest.skip("bitsandbytes does not repack 4-bit weights on this CPU")
-    with pytest.raises(export.ExportError, match="repacked"):
+    with pytest.raises(llama_runtime.ExportError, match="repacked"):
         export._assert_standard_4bit_layout(model)
 
 
@@ -248,7 +249,7 @@ def test_exported_tokenizer_speaks_the_training_format(tiny_export):
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
          {"role": "user", "content": "Bye"}], tokenize=False, add_generation_prompt=True)
     assert text == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:"
-    meta = export.gguf_metadata(tiny_export[2]["q4_k_m"])
+    meta = llama_runtime.gguf_metadata(tiny_export[2]["q4_k_m"])
     assert meta["tokenizer.chat_template"] == export.HH_CHAT_TEMPLATE
 
 
@@ -372,9 +373,9 @@ def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
     make_run(run, "tiny", {"model.quantization": "nf4", "model.double_quant": True})
     plain = export.merge_adapter(run, tmp_path / "plain")
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    (run / "config.yaml").write_text(yaml.safe_dump({"requires_cuda": True, **saved},
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "requires_cuda": True},
                                                     sort_keys=False))
-    assert export.run_config(run).requires_cuda
+    assert load_run_config(run).requires_cuda
     merged = export.merge_adapter(run, tmp_path / "gpu-run")
     a = load_file(plain / "model.safetensors")
     b = load_file(merged / "model.safetensors")

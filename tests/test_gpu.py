@@ -12,54 +12,35 @@ import torch
 from dpo_lib import quantization as Q
 from dpo_lib import train as train_lib
 from dpo_lib.config import load_config
-from dpo_lib.data import IGNORE_INDEX
-from dpo_lib.losses import preference_loss
-from dpo_lib.models import add_lora, compute_dtype, load_model, reference_mode
+from dpo_lib.memory import random_pair_examples, trainer_step
+from dpo_lib.models import add_lora, compute_dtype, load_model
+from dpo_lib.reference import precompute_reference_logps
+from dpo_lib.runs import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_preference_batch(pairs: int, length: int, vocab: int, prompt: int, device,
-                            seed: int = 0) -> dict:
-    """``[pairs, length]`` chosen and rejected ids that share a ``prompt``-token prompt, every
-    position real (no padding: the worst case for memory), prompt labels masked."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, pairs, length), generator=generator)
-    ids[1, :, :prompt] = ids[0, :, :prompt]
-    labels = ids.clone()
-    labels[:, :, :prompt] = IGNORE_INDEX
-    mask = torch.ones(pairs, length, dtype=torch.long)
-    batch = {"chosen_input_ids": ids[0], "rejected_input_ids": ids[1],
-             "chosen_attention_mask": mask, "rejected_attention_mask": mask.clone(),
-             "chosen_labels": labels[0], "rejected_labels": labels[1]}
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def dpo_step(cfg, pairs: int, length: int) -> dict:
-    """One DPO training step as the trainer takes it: the profile's model with LoRA, its
-    accelerator (mixed precision) and optimizer; the reference pass with adapters off, then the
-    policy pass over chosen and rejected together, the loss, backward, optimizer step."""
+    """One DPO training step as the trainer takes it, through its own functions: the profile's
+    model with LoRA, its accelerator (mixed precision) and optimizer; the reference log-probs
+    first, with adapters off (dpo_lib.reference, as the trainer computes them before training);
+    then dpo_lib.memory.trainer_step on ``pairs`` random pairs of ``length`` tokens (half prompt,
+    no padding: the worst case for memory): the policy pass, the loss, backward, optimizer step."""
     model = add_lora(load_model(cfg), cfg)
     accelerator = train_lib.make_accelerator(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = train_lib.make_optimizer(cfg, trainable)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch = random_preference_batch(pairs, length, model.config.vocab_size,
-                                    prompt=length // 2, device=accelerator.device)
-    with reference_mode(model):
-        ref_chosen, ref_rejected, _, _ = train_lib.concatenated_logps(model, batch)
-    model.train()
-    chosen, rejected, _, _ = train_lib.concatenated_logps(model, batch)
-    losses, _, _ = preference_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta,
-                                   cfg.train.loss_type, cfg.train.label_smoothing)
-    loss = losses.mean()
-    accelerator.backward(loss)
-    grads = [p.grad for p in trainable if p.grad is not None]
+    examples = random_pair_examples(pairs, length, length // 2, model.config.vocab_size)
+    reference = precompute_reference_logps(model, examples, pairs, accelerator, use_adapter=False,
+                                           progress=False, shared=cfg.train.shared_prompt,
+                                           chunked=cfg.train.chunked_head)
     before = [p.detach().clone() for p in trainable]
-    optimizer.step()
+    losses, rows = trainer_step(model, optimizer, accelerator, examples, reference, cfg)
+    grads = [p.grad for p in trainable if p.grad is not None]
     moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, trainable))
-    return dict(loss=loss.item(), logps=(chosen.detach(), rejected.detach()), grads=grads,
-                trainable=len(trainable), moved=moved, model=model)
+    return dict(loss=losses.mean().item(), logps=(rows.chosen_logps, rows.rejected_logps),
+                grads=grads, trainable=len(trainable), moved=moved, model=model)
 
 
 def check_finite_step(step: dict) -> None:
@@ -142,7 +123,7 @@ def test_seed_recipe_dpo_step_fits_in_24_gb():
     step = dpo_step(cfg, pairs=cfg.train.batch_size, length=cfg.data.max_length)
     peak = torch.cuda.max_memory_allocated()
     predicted = estimate_memory("pythia-2.8b", lora_r=cfg.model.lora_r, batch=cfg.train.batch_size,
-                                seq_len=cfg.data.max_length,
+                                seq_len=cfg.data.max_length, prompt_len=cfg.data.max_length // 2,
                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                 compute_dtype=str(compute_dtype()).removeprefix("torch."))
     print(f"\npythia-2.8b DPO step on {torch.cuda.get_device_name(0)}: peak "
@@ -166,8 +147,8 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
         "train.sft_steps": 4, "train.save_every": 2, "train.eval_every": 0,
         "train.warmup_steps": 0, "train.lr_scheduler": "linear", "data.train_limit": 32,
         "data.test_limit": 8, "train.output_dir": str(tmp_path / "plain")})
-    plain = train_lib.read_metrics(train_lib.train(cfg, progress=False).output_dir)
-    original, calls = train_lib.sft_step_outputs, []
+    plain = read_metrics(train_lib.train(cfg, progress=False).output_dir)
+    original, calls = train_lib.sft_nll, []
 
     def inf_gradients_at_step_1(model, batch, *rest):
         calls.append(1)
@@ -176,18 +157,18 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
             nll.register_hook(lambda grad: grad * float("inf"))
         return nll, counts
 
-    monkeypatch.setattr(train_lib, "sft_step_outputs", inf_gradients_at_step_1)
+    monkeypatch.setattr(train_lib, "sft_nll", inf_gradients_at_step_1)
     run = tmp_path / "skip"
-    skip = train_lib.read_metrics(train_lib.train(
+    skip = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
     assert skip[0]["lr"] == pytest.approx(cfg.train.learning_rate)      # the schedule waited
     assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
     scale = torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"]
     assert scale == pytest.approx(2.0 ** 15)                            # 65536, halved once
-    monkeypatch.setattr(train_lib, "sft_step_outputs", original)
+    monkeypatch.setattr(train_lib, "sft_nll", original)
     shutil.rmtree(run / "checkpoint-4")
     shutil.rmtree(run / "adapter")
-    resumed = train_lib.read_metrics(train_lib.train(
+    resumed = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run), "train.resume": True}),
         progress=False).output_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -238,7 +219,7 @@ def test_gpu_smoke_is_the_gpu_profile_at_smoke_scale():
     smoke, gpu = load_config("gpu-smoke"), load_config("gpu")
     assert set(smoke.to_dict()) == set(gpu.to_dict())
     for section in ("model", "data", "train"):
-        assert set(smoke.to_dict()[section]) - {"init_seed"} == set(gpu.to_dict()[section])
+        assert set(smoke.to_dict()[section]) == set(gpu.to_dict()[section])  # one schema
     for key in ("model.quantization", "model.double_quant", "model.compute_dtype",
                 "model.gradient_checkpointing", "train.optimizer", "train.mixed_precision",
                 "requires_cuda"):
@@ -270,6 +251,6 @@ def test_gpu_smoke_model_and_data_fit_on_cpu(tmp_path):
         "train.sft_steps": 2, "train.eval_every": 2, "train.save_every": 0,
         "data.train_limit": 8, "data.test_limit": 4, "train.output_dir": str(tmp_path / "sft")})
     result = train_lib.train(cfg, progress=False)
-    rows = train_lib.read_metrics(result.output_dir)
+    rows = read_metrics(result.output_dir)
     losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

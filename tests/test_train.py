@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from dpo_lib import forward, reference, runs
 from dpo_lib import train as train_lib
 from dpo_lib.config import REPO_ROOT, load_config
 
@@ -47,32 +48,32 @@ def test_reference_cache_hit_and_invalidation(tmp_path):
     cfg = tiny(tmp_path, "a", stage="preference")
     tokenizer = load_tokenizer(cfg)
     _, examples, _ = train_lib.load_examples(cfg, tokenizer, "train", 16)
-    key = train_lib.reference_cache_key(cfg, examples, None)
-    assert key == train_lib.reference_cache_key(cfg, examples, None)
-    assert key != train_lib.reference_cache_key(cfg, examples[:-1], None)           # data
+    key = reference.reference_cache_key(cfg, examples, None)
+    assert key == reference.reference_cache_key(cfg, examples, None)
+    assert key != reference.reference_cache_key(cfg, examples[:-1], None)           # data
     shorter = cfg.with_overrides({"data.max_length": 64, "data.max_prompt_length": 48})
     _, short_examples, _ = train_lib.load_examples(shorter, tokenizer, "train", 16)
-    assert key != train_lib.reference_cache_key(shorter, short_examples, None)      # tokenization
-    assert key != train_lib.reference_cache_key(                                     # model
+    assert key != reference.reference_cache_key(shorter, short_examples, None)      # tokenization
+    assert key != reference.reference_cache_key(                                     # model
         cfg.with_overrides({"model.quantization": "nf4"}), examples, None)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"one")
-    with_adapter = train_lib.reference_cache_key(cfg, examples, adapter)
+    with_adapter = reference.reference_cache_key(cfg, examples, adapter)
     (adapter / "adapter_model.safetensors").write_bytes(b"two")
-    assert key != with_adapter != train_lib.reference_cache_key(cfg, examples, adapter)
+    assert key != with_adapter != reference.reference_cache_key(cfg, examples, adapter)
 
 
 def test_dpo_and_ipo_share_one_reference_pass(tmp_path, monkeypatch):
     sft = train_lib.train(tiny(tmp_path, "sft", sft_steps=2), progress=False)
     calls = []
-    original = train_lib.concatenated_logps
+    original = forward.concatenated_logps
 
     def counting(model, batch, *args):
         calls.append(torch.is_grad_enabled())
         return original(model, batch, *args)
 
-    monkeypatch.setattr(train_lib, "concatenated_logps", counting)
+    monkeypatch.setattr(forward, "concatenated_logps", counting)
     for loss_type in ("dpo", "ipo"):
         train_lib.train(tiny(tmp_path, loss_type, stage="preference", loss_type=loss_type,
                              init_adapter=str(sft.output_dir), preference_steps=2),
@@ -112,7 +113,7 @@ def test_resume_gives_the_same_metrics(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    original = train_lib.sft_step_outputs
+    original = train_lib.sft_nll
     calls = {"n": 0}
 
     def poisoned(model, batch, *args):
@@ -120,13 +121,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         nll, counts = original(model, batch, *args)
         return (nll * float("nan") if calls["n"] == 5 else nll), counts
 
-    monkeypatch.setattr(train_lib, "sft_step_outputs", poisoned)
+    monkeypatch.setattr(train_lib, "sft_nll", poisoned)
     cfg = tiny(tmp_path, "run", sft_steps=8, save_every=2)
     with pytest.raises(train_lib.NonFiniteLossError, match="step 5.*checkpoint-4"):
         train_lib.train(cfg, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == \
         ["checkpoint-2", "checkpoint-4"]
-    assert [m["step"] for m in train_lib.read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [m["step"] for m in runs.read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 PREFERENCE_KEYS = {"step", "examples", "loss", "rewards/chosen", "rewards/rejected",
@@ -137,7 +138,7 @@ PREFERENCE_KEYS = {"step", "examples", "loss", "rewards/chosen", "rewards/reject
 def test_metrics_file_keys_and_saved_config(tmp_path):
     cfg = tiny(tmp_path, "run", stage="preference", preference_steps=2, eval_every=2)
     result = train_lib.train(cfg, progress=False)
-    records = train_lib.read_metrics(result.output_dir)
+    records = runs.read_metrics(result.output_dir)
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "eval/loss" in r]
     assert len(train_records) == 2 and [r["step"] for r in eval_records] == [0, 2]
@@ -193,7 +194,7 @@ def test_cli_with_overrides(tmp_path):
     assert f"done: {out}" in done.stdout
     saved = load_config(str(out / "config.yaml"))
     assert saved.data.max_length == 64 and saved.train.sft_steps == 2
-    assert len([r for r in train_lib.read_metrics(out) if "loss" in r]) == 2
+    assert len([r for r in runs.read_metrics(out) if "loss" in r]) == 2
     bad = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "sft_stepz=2"], tmp_path)
     assert bad.returncode != 0 and "sft_steps" in bad.stderr
 
@@ -224,7 +225,7 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path):
     one = run_cli([sys.executable, "-m", "dpo_lib.train", *common,
                    "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = train_lib.read_metrics(tmp_path / "one"), train_lib.read_metrics(tmp_path / "two")
+    a, b = runs.read_metrics(tmp_path / "one"), runs.read_metrics(tmp_path / "two")
     assert [r["examples"] for r in a] == [r["examples"] for r in b] == [16, 32, 48]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
@@ -298,7 +299,7 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
     assert "step 3" in first and "rank 1: loss nan" in first and "rank 0:" not in first
     assert "checkpoint-2" in first
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert [m["step"] for m in train_lib.read_metrics(run)] == [1, 2]
+    assert [m["step"] for m in runs.read_metrics(run)] == [1, 2]
 
 
 def sgd(cfg, parameters):
@@ -316,6 +317,8 @@ def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch)
     """The same 8 examples in one optimizer step as batch 8, as 4 micro-batches of 2, and as
     2 processes x 2 micro-batches of 2: the same loss and, with plain SGD and no clipping (the
     update is the gradient), the same adapter after the step."""
+    from dpo_lib.runs import RunResult, read_metrics
+
     monkeypatch.setattr(train_lib, "make_optimizer", sgd)
     common = {"stage": "sft", "sft_steps": 1, "train_limit": 8, "test_limit": 8,
               "max_grad_norm": 1e9, "warmup_steps": 0, "lr_scheduler": "constant",
@@ -331,8 +334,7 @@ def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch)
                      f"output_dir={tmp_path / '2x2x2'}"]
                     + [f"{k}={v}" for k, v in common.items()], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs["2x2x2"] = (losses(train_lib.RunResult(tmp_path / "2x2x2",
-                                                train_lib.read_metrics(tmp_path / "2x2x2")))[0],
+    runs["2x2x2"] = (losses(RunResult(tmp_path / "2x2x2", read_metrics(tmp_path / "2x2x2")))[0],
                      lora_b(tmp_path / "2x2x2"))
     loss, weights = runs["8x1"]
     assert any(v.abs().max() > 1e-4 for v in weights.values())     # the step moved B
@@ -382,12 +384,12 @@ def test_two_process_resume_equals_the_uninterrupted_run(tmp_path):
               "test_limit=16", "lora_dropout=0.1", f"output_dir={tmp_path / 'run'}"]
     done = torchrun(["train", str(tmp_path / "out"), *common], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    whole = train_lib.read_metrics(tmp_path / "run")
+    whole = runs.read_metrics(tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
     shutil.rmtree(tmp_path / "run" / "adapter")
     done = torchrun(["train", str(tmp_path / "out"), *common, "resume=true"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_metrics(whole, train_lib.read_metrics(tmp_path / "run"))
+    assert_same_metrics(whole, runs.read_metrics(tmp_path / "run"))
     assert {"random_states_0.pkl", "random_states_1.pkl", "adapter_model.safetensors",
             "optimizer.bin", "trainer_state.json", "config.yaml"} <= \
         {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
@@ -433,7 +435,7 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     # keys that do not change the computation may differ
     allowed = cfg.with_overrides({"train.resume": True, "train.eval_every": 2,
                                   "train.preference_steps": 99})
-    assert train_lib.resume_checkpoint(allowed, tmp_path / "run").name == "checkpoint-2"
+    assert runs.resume_checkpoint(allowed, tmp_path / "run").name == "checkpoint-2"
 
 
 def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
@@ -447,7 +449,7 @@ def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
     _, examples, _ = train_lib.load_examples(cfg, load_tokenizer(cfg), "train", 8)
 
     def key(**overrides):
-        return train_lib.reference_cache_key(cfg.with_overrides(overrides), examples, None)
+        return reference.reference_cache_key(cfg.with_overrides(overrides), examples, None)
 
     fp32 = key(**{"train.mixed_precision": "no"})
     assert key(**{"train.mixed_precision": "bf16"}) != fp32
@@ -460,10 +462,10 @@ def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
         assert key(**{"model.compute_dtype": "auto", "train.mixed_precision": "auto"}) != fp32
         monkeypatch.undo()
-    assert train_lib.reference_cache_key(cfg, examples, None, "rev-a") != \
-        train_lib.reference_cache_key(cfg, examples, None, "rev-b")
-    versions = train_lib.library_versions()
-    monkeypatch.setattr(train_lib, "library_versions",
+    assert reference.reference_cache_key(cfg, examples, None, "rev-a") != \
+        reference.reference_cache_key(cfg, examples, None, "rev-b")
+    versions = reference.library_versions()
+    monkeypatch.setattr(reference, "library_versions",
                         lambda: {**versions, "transformers": transformers.__version__ + ".post1"})
     assert key(**{"train.mixed_precision": "no"}) != fp32
 
@@ -480,10 +482,10 @@ def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_lib.save_atomically({"x": torch.zeros(2)}, target)
+        reference.save_atomically({"x": torch.zeros(2)}, target)
     assert not target.exists() and not list(target.parent.glob("*.tmp"))
     monkeypatch.setattr(torch, "save", original)
-    train_lib.save_atomically({"x": torch.ones(2)}, target)
+    reference.save_atomically({"x": torch.ones(2)}, target)
     assert torch.equal(torch.load(target)["x"], torch.ones(2))
 
 
@@ -494,12 +496,12 @@ def test_model_revision_of_a_local_folder_changes_with_its_files(tmp_path):
 
     AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    first = train_lib.model_revision(model)
-    assert first and first == train_lib.model_revision(model)
+    first = reference.model_revision(model)
+    assert first and first == reference.model_revision(model)
     config = json.loads((tmp_path / "config.json").read_text())
     config["layer_norm_eps"] = 1e-6
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert train_lib.model_revision(model) != first
+    assert reference.model_revision(model) != first
 
 
 def test_simpo_runs_without_a_reference_pass(tmp_path, monkeypatch):

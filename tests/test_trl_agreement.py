@@ -15,9 +15,10 @@ trl = pytest.importorskip("trl", reason="the TRL agreement needs trl (the bench 
 
 from datasets import Dataset  # noqa: E402
 
-from dpo_lib import train as trainer  # noqa: E402
+from dpo_lib import forward  # noqa: E402
 from dpo_lib.config import load_config  # noqa: E402
-from dpo_lib.data import load_split, tokenize_pairs  # noqa: E402
+from dpo_lib.batches import tokenize_pairs  # noqa: E402
+from dpo_lib.data import load_split  # noqa: E402
 from dpo_lib.losses import preference_loss  # noqa: E402
 from dpo_lib.models import add_lora, load_model, load_tokenizer  # noqa: E402
 
@@ -57,12 +58,12 @@ def test_rpo_agrees_with_trl_sigmoid_plus_sft(tiny_pairs, tmp_path):
     model.eval()
     trl_batch = next(iter(dpo.get_eval_dataloader()))
     examples, _ = tokenize_pairs(pairs, tokenizer, 192, 191)
-    batch = trainer.collate_pairs(examples, tokenizer.pad_token_id)
+    batch = forward.collate_pairs(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         trl_loss = float(dpo._compute_loss(model, trl_batch, False))
-        chosen, rejected, chosen_counts, _ = trainer.pair_logps(model, batch)
+        chosen, rejected, chosen_counts, _ = forward.pair_logps(model, batch)
         model.set_adapter("ref")
-        ref_chosen, ref_rejected = trainer.pair_logps(model, batch)[:2]
+        ref_chosen, ref_rejected = forward.pair_logps(model, batch)[:2]
         model.set_adapter("default")
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
         out = model(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"],
@@ -111,7 +112,7 @@ def test_simpo_agrees_with_trl_cpo_simpo(tiny_pairs, tmp_path):
     with torch.no_grad():
         trl_chosen, trl_rejected = cpo.concatenated_forward(model, cpo_batch)[:2]
         trl_losses = cpo.cpo_loss(trl_chosen, trl_rejected)[0]
-        chosen, rejected, chosen_counts, rejected_counts = trainer.pair_logps(model, batch)
+        chosen, rejected, chosen_counts, rejected_counts = forward.pair_logps(model, batch)
     chosen, rejected = chosen / chosen_counts, rejected / rejected_counts
     assert torch.allclose(chosen, trl_chosen.float(), atol=1e-4)
     assert torch.allclose(rejected, trl_rejected.float(), atol=1e-4)
