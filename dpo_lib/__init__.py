@@ -11,7 +11,8 @@ Each idea has one module, and imports run one way (``tests/test_layout.py`` walk
       -> packing    chosen and rejected packed behind one prompt
       -> forward    a batch of pairs through the model; the no-grad pass over a set
       -> reference  the reference model's log-probs, computed once and cached
-      -> losses     DPO, cDPO, IPO and the logged metrics
+      -> ches       CHES: which pairs pull the chosen answer down; the pair filter
+      -> losses     DPO, cDPO, IPO, RPO, SimPO and the logged metrics
       -> steps      one micro-batch of the trainer (PreferenceRows), held-out evaluation
       -> runs       a run's folder: name, checkpoints, resumption, metrics.jsonl
       -> train      the training loop and its command line

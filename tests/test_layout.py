@@ -84,7 +84,7 @@ def test_dependencies_run_one_way():
         return b in graph[a] or any(reaches(n, b, seen + (a,)) for n in graph[a] if n not in seen)
 
     order = ["config", "hub", "data", "batches", "models", "logps", "packing", "forward",
-             "reference", "steps", "runs", "train", "gguf_check", "export"]
+             "reference", "ches", "steps", "runs", "train", "gguf_check", "export"]
     for lower, upper in zip(order, order[1:]):
         assert not reaches(lower, upper), f"{lower} depends on {upper}"
     assert not reaches("losses", "logps") and not reaches("logps", "losses")
