@@ -75,10 +75,11 @@ def preference_step_outputs(model, batch, reference: PairLogps | dict, indices,
 @torch.no_grad()
 def evaluate(model, examples, cfg: Config, accelerator,
              reference: PairLogps | None = None) -> dict[str, float]:
-    """Held-out metrics, keys prefixed ``eval/``. SFT (no ``reference``): token-mean NLL of the
-    chosen answers and log-prob preference accuracy; preference: the loss and reward metrics of
-    the loss in use."""
-    if reference is None:
+    """Held-out metrics, keys prefixed ``eval/``. SFT stage: token-mean NLL of the chosen answers
+    and log-prob preference accuracy; preference stage: the loss and reward metrics of the loss in
+    use (``reference``: the held-out reference log-probs; None for a reference-free loss)."""
+    preference = cfg.train.stage == "preference"
+    if not preference:
         def rows_of(model, batch, indices):
             return pair_logps(model, batch, cfg.train.chunked_head).rows()
     else:
@@ -86,7 +87,7 @@ def evaluate(model, examples, cfg: Config, accelerator,
             return preference_step_outputs(model, batch, reference, indices, cfg)[1].rows()
     _, rows = pass_over_pairs(model, examples, cfg.train.eval_batch_size, rows_of, accelerator,
                               cfg.train.shared_prompt)
-    if reference is not None:
+    if preference:
         return PreferenceRows.from_rows(rows).metrics(average_logps(cfg), prefix="eval/")
     sums = PairLogps.from_rows(rows)
     chosen, rejected = sums.logps(average=False)

@@ -171,9 +171,8 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     total_steps = cfg.train.sft_steps if stage == "sft" else cfg.train.preference_steps
 
     reference = eval_reference = None
-    if stage == "preference" and cfg.train.loss_type in REFERENCE_FREE:
-        reference = eval_reference = {}      # simpo: no reference pass ({}: still a preference run)
-    elif stage == "preference":
+    # a reference-free loss (simpo) has no reference pass and no reference model
+    if stage == "preference" and cfg.train.loss_type not in REFERENCE_FREE:
         cache_root = reference_cache_root()
         timing = {}
         for name, examples in (("train", train_examples), ("eval", eval_examples)):
