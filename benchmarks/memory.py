@@ -3,8 +3,8 @@
 Each configuration runs in a fresh subprocess: load the model (random weights of a named
 architecture, or a profile's real model), attach LoRA, compute the reference log-probs (as the
 trainer does before training), then one step of the trainer's own code
-(:func:`dpo_lib.memory.trainer_step`: collation in the chosen layout, the policy pass, the DPO
-loss, backward, AdamW step) on ``batch`` random pairs of ``seq`` tokens, half of them prompt.
+(:func:`dpo_lib.training.step.training_step`: collation in the chosen layout, the policy pass,
+the DPO loss, backward, the finite checks, clipping, AdamW and the schedule) on ``batch`` random pairs of ``seq`` tokens, half of them prompt.
 ``--shared`` and ``--chunked`` are the trainer's ``train.shared_prompt`` and ``train.chunked_head``.
 
 Measured peak:
@@ -57,10 +57,10 @@ CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESH
 
 
 def _rss(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes (dpo_lib.memory.peak_rss_mb). Without /proc
+    """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes (dpo_lib.core.machine.peak_rss_mb). Without /proc
     (macOS, Windows) both are the process's peak so far, which cannot be reset: the measured step
     is then an upper bound."""
-    from dpo_lib.memory import peak_rss_mb
+    from dpo_lib.core.machine import peak_rss_mb
 
     megabytes = peak_rss_mb(field=field)
     if megabytes is None:
@@ -82,68 +82,92 @@ def _release_and_reset_peak() -> int:
 
 
 def _model_name(arch: str) -> str:
-    from dpo_lib.models import ARCHITECTURES
+    from dpo_lib.core.models import ARCHITECTURES
 
     if arch in ARCHITECTURES and arch != "tiny-gpt-neox":
         return "random:" + arch
     return arch
 
 
-def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int = 8,
-            double_quant: bool = True, compute_dtype: str = "auto", shared: bool = False,
-            chunked: bool = False) -> dict:
-    """One configuration in this process: the trainer's own step (dpo_lib.memory.trainer_step)
-    on ``batch`` random pairs of ``seq`` tokens (half of them prompt); returns the measured peak
-    and the step time. The reference log-probs are computed first, as the trainer does."""
-    import torch
+def step_config(arch: str, quant: str, checkpointing: bool, lora_r: int = 8,
+                double_quant: bool = True, compute_dtype: str = "auto", shared: bool = False,
+                chunked: bool = False):
+    """The run config of one measured configuration: the tiny profile with the model, LoRA,
+    quantization and layout asked for, a DPO step."""
+    from dpo_lib.core.config import load_config
 
-    from dpo_lib.config import load_config
-    from dpo_lib.memory import random_pair_examples, trainer_step
-    from dpo_lib.models import add_lora, compute_dtype as resolve_dtype, load_model
-    from dpo_lib.reference import precompute_reference_logps
-    from dpo_lib.train import make_accelerator, make_optimizer
-
-    cuda = torch.cuda.is_available()
-    cfg = load_config("tiny", overrides={
+    return load_config("tiny", overrides={
         "model.name": _model_name(arch), "model.quantization": quant,
         "model.double_quant": double_quant, "model.compute_dtype": compute_dtype,
         "model.lora_r": lora_r, "model.lora_alpha": 2 * lora_r, "model.lora_dropout": 0.0,
         "model.gradient_checkpointing": checkpointing, "train.stage": "preference",
         "train.shared_prompt": shared, "train.chunked_head": chunked,
-        "train.learning_rate": 1e-4, "train.optimizer": "adamw"})
-    dtype = resolve_dtype(compute_dtype)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    accelerator = make_accelerator(cfg)
-    model = add_lora(load_model(cfg), cfg)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    examples = random_pair_examples(batch, seq, seq // 2, model.config.vocab_size)
-    reference = precompute_reference_logps(model, examples, batch, accelerator,
-                                           use_adapter=False, progress=False, shared=shared,
-                                           chunked=chunked)
-    if not cuda:  # warm-up: load kernel code and lazily built tables into the process first
-        trainer_step(model, optimizer, accelerator, examples, reference, cfg, indices=[0])
-        optimizer.zero_grad(set_to_none=True)
-    start_rss = 0 if cuda else _release_and_reset_peak()
-    footprint = accelerator.unwrap_model(model).get_memory_footprint()
-    started = time.perf_counter()
-    trainer_step(model, optimizer, accelerator, examples, reference, cfg)
-    seconds = time.perf_counter() - started
-    if cuda:
-        measured = torch.cuda.max_memory_allocated()
-        device_name = torch.cuda.get_device_name(0)
-    else:
-        measured = footprint + _rss("VmHWM") - start_rss
-        device_name = f"cpu ({os.cpu_count()} cores)"
-    return dict(measured=measured, seconds=seconds, device=device_name,
-                compute_dtype=str(dtype).replace("torch.", ""))
+        "train.learning_rate": 1e-4, "train.optimizer": "adamw", "train.warmup_steps": 0})
+
+
+def trainer_step(cfg, examples, micro_batches, warm_up=None, measure=None):
+    """The trainer's own step on ``examples``, set up as the trainer sets it up
+    (:func:`dpo_lib.training.train.step_outside_a_run`: the seed, the model with LoRA, the
+    prepared model, optimizer and schedule, the reference pass) and taken by
+    :func:`dpo_lib.training.step.training_step` on ``micro_batches`` (lists of example indices).
+    ``warm_up``: indices of one step taken first (its update included); ``measure(step, model)``
+    runs the measured step (a memory probe). Returns ``(model, state, result)``."""
+    from dpo_lib.training.step import training_step
+    from dpo_lib.training.train import collated, step_outside_a_run
+
+    model, _, state = step_outside_a_run(cfg, examples)
+    if warm_up is not None:
+        training_step(model, collated(examples, [warm_up], state, model), state)
+
+    def step():
+        return training_step(model, collated(examples, micro_batches, state, model), state)
+    if measure is None:
+        return model, state, step()
+    return model, state, measure(step, state.accelerator.unwrap_model(model))
+
+
+def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int = 8,
+            double_quant: bool = True, compute_dtype: str = "auto", shared: bool = False,
+            chunked: bool = False) -> dict:
+    """One configuration in this process: the trainer's own step (:func:`trainer_step`) on
+    ``batch`` random pairs of ``seq`` tokens (half of them prompt), after a small warm-up step on
+    CPU (it loads kernel code and lazily built tables); returns the measured peak and the step
+    time."""
+    import torch
+
+    from dpo_lib.core.models import architecture_config, compute_dtype as resolve_dtype
+    from dpo_lib.lessons.memory import random_pair_examples
+
+    cuda = torch.cuda.is_available()
+    cfg = step_config(arch, quant, checkpointing, lora_r, double_quant, compute_dtype, shared,
+                      chunked).with_overrides({"train.eval_batch_size": batch})
+    shapes = "smollm2-135m" if arch == "smollm2-135m-instruct" else arch
+    examples = random_pair_examples(batch, seq, seq // 2, architecture_config(shapes).vocab_size)
+    figures = {}
+
+    def probe(step, model):
+        footprint = model.get_memory_footprint()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start_rss = 0 if cuda else _release_and_reset_peak()
+        started = time.perf_counter()
+        result = step()
+        figures["seconds"] = time.perf_counter() - started
+        figures["measured"] = torch.cuda.max_memory_allocated() if cuda else \
+            footprint + _rss("VmHWM") - start_rss
+        return result
+
+    trainer_step(cfg, examples, [list(range(batch))], warm_up=None if cuda else [0],
+                 measure=probe)
+    return dict(measured=figures["measured"], seconds=figures["seconds"],
+                device=torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+                compute_dtype=str(resolve_dtype(compute_dtype)).replace("torch.", ""))
 
 
 def predict(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int,
             double_quant: bool, compute_dtype: str, shared: bool = False, chunked: bool = False):
-    from dpo_lib.memory import estimate_memory
-    from dpo_lib.models import SMOLLM2
+    from dpo_lib.lessons.memory import estimate_memory
+    from dpo_lib.core.models import SMOLLM2
 
     shapes_of = "smollm2-135m" if arch == SMOLLM2 else arch
     return estimate_memory(shapes_of, quantization=quant, double_quant=double_quant,
@@ -160,7 +184,7 @@ def layout(run: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", nargs="+", help="architecture names (dpo_lib.models."
+    parser.add_argument("--arch", nargs="+", help="architecture names (dpo_lib.core.models."
                         "ARCHITECTURES) or smollm2-135m-instruct; default: the CPU set")
     parser.add_argument("--quant", nargs="+", default=["nf4"])
     parser.add_argument("--batch", type=int, default=4, help="preference pairs per step")
@@ -179,7 +203,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dpo_lib.models import compute_dtype as resolve_dtype
+    from dpo_lib.core.models import compute_dtype as resolve_dtype
 
     if args.arch:
         runs = [dict(arch=a, quant=q, batch=args.batch, seq=args.seq,

@@ -8,7 +8,7 @@
 Every variant runs in its own process (fresh memory peak) on the same pairs, model, lengths,
 batch, LoRA settings, quantization and precision:
 
-* ``ours``: :func:`dpo_lib.train.train` at its defaults: the reference log-probs precomputed (as
+* ``ours``: :func:`dpo_lib.training.train.train` at its defaults: the reference log-probs precomputed (as
   always), batches grouped by length;
 * ``ours-shared``: the same with the shared-prompt packed forward (``train.shared_prompt``);
 * ``ours-fast``: packed forward and the output layer applied only at answer positions, in chunks
@@ -63,7 +63,7 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    from dpo_lib.memory import peak_rss_mb
+    from dpo_lib.core.machine import peak_rss_mb
 
     peak = peak_rss_mb()
     return float("nan") if peak is None else peak
@@ -103,9 +103,9 @@ def matmul_peak_gflops(dtype=None, seconds: float = 3.0) -> tuple[float, str]:
 
 def matmul_parameters(args) -> int:
     """``P``: parameters of the model's matrix multiplies (blocks' linear layers + output layer),
-    from its shapes alone (dpo_lib.memory.model_shapes)."""
-    from dpo_lib.memory import model_shapes
-    from dpo_lib.models import SMOLLM2
+    from its shapes alone (dpo_lib.lessons.memory.model_shapes)."""
+    from dpo_lib.lessons.memory import model_shapes
+    from dpo_lib.core.models import SMOLLM2
 
     name = MODELS.get(args.model, args.model)
     shapes = model_shapes("smollm2-135m" if name == SMOLLM2 else name.removeprefix("random:"))
@@ -116,7 +116,7 @@ def make_config(args, stage: str, shared: bool = False, output_dir: str | None =
                 chunked: bool = False):
     """The run config of one variant: a profile (tiny for the tiny model, gpu with CUDA, cpu
     otherwise) with the benchmark's model, data, lengths, batch and precision."""
-    from dpo_lib.config import load_config
+    from dpo_lib.core.config import load_config
 
     model = MODELS.get(args.model, args.model)
     profile = "tiny" if model == "tiny-gpt-neox" else ("gpu" if _cuda() else "cpu")
@@ -152,11 +152,11 @@ def _cuda() -> bool:
 
 def prepare_pairs(args) -> Path:
     """Pick ``--pairs`` pairs that fit whole; write them as a jsonl of hh-rlhf rows."""
-    from dpo_lib import packing
-    from dpo_lib.batches import padding_report, tokenize_pairs
-    from dpo_lib.data import load_preference_pairs
-    from dpo_lib.hub import hh_rlhf_file
-    from dpo_lib.models import load_tokenizer
+    from dpo_lib.core.batches import tokenize_pairs
+    from dpo_lib.core.layouts import PackedLayout, PlainLayout, padding_report
+    from dpo_lib.core.data import load_preference_pairs
+    from dpo_lib.core.hub import hh_rlhf_file
+    from dpo_lib.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(MODELS.get(args.model, args.model))
     try:
@@ -188,11 +188,12 @@ def prepare_pairs(args) -> Path:
           flush=True)
     picked = [e for p, e in zip(pairs, examples) if p in chosen]
     print("positions per pair given to the model (padding fraction), per batch layout:")
-    for name, collate in (("chosen and rejected side by side", None),
-                          ("shared prompt, packed", packing.collate_shared_prompt)):
-        report = padding_report(picked, args.batch, collate=collate)
+    for name, layout in (("chosen and rejected side by side", PlainLayout()),
+                         ("shared prompt, packed", PackedLayout())):
+        report = padding_report(picked, args.batch, layout)
+        packed = isinstance(layout, PackedLayout)
         real = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) -
-                   (len(e["prompt_input_ids"]) if collate else 0) for e in picked) / len(picked)
+                   (len(e["prompt_input_ids"]) if packed else 0) for e in picked) / len(picked)
         print(f"  {name:34s} random order {real / (1 - report['random']):6.0f} "
               f"({report['random']:.0%})   grouped by length "
               f"{real / (1 - report['length_grouped']):6.0f} ({report['length_grouped']:.0%})")
@@ -204,7 +205,7 @@ def prepare_pairs(args) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def run_ours(args, stage: str, shared: bool, chunked: bool = False) -> dict:
-    from dpo_lib import train as trainer
+    from dpo_lib.training import train as trainer
 
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         os.environ["DPO_CACHE"] = cache                      # the reference pass really runs
@@ -230,8 +231,8 @@ def run_trl(args, stage: str, best: bool) -> dict:
     from peft import LoraConfig
     from transformers import TrainerCallback
 
-    from dpo_lib.data import load_preference_pairs
-    from dpo_lib.models import load_model, load_tokenizer
+    from dpo_lib.core.data import load_preference_pairs
+    from dpo_lib.core.models import load_model, load_tokenizer
 
     cfg = make_config(args, stage)
     tokenizer = load_tokenizer(cfg)
@@ -288,7 +289,7 @@ def run_trl(args, stage: str, best: bool) -> dict:
         config = SFTConfig(completion_only_loss=True, packing=False, **common)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora, callbacks=[Clock()])
-    from dpo_lib.batches import real_tokens
+    from dpo_lib.core.layouts import real_tokens
 
     token_counts = []
     collator = trainer.data_collator
@@ -348,11 +349,12 @@ def agreement(args) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_lib.batches import tokenize_pairs
-    from dpo_lib.data import load_preference_pairs
-    from dpo_lib.forward import collate_pairs, pad_id, pair_logps, to_device
-    from dpo_lib.losses import preference_loss
-    from dpo_lib.models import add_lora, load_model, load_tokenizer
+    from dpo_lib.core.batches import tokenize_pairs
+    from dpo_lib.core.data import load_preference_pairs
+    from dpo_lib.core.layouts import PackedLayout, PlainLayout
+    from dpo_lib.core.scoring import pad_id, to_device
+    from dpo_lib.core.losses import preference_loss
+    from dpo_lib.core.models import add_lora, load_model, load_tokenizer
 
     cfg = make_config(args, "preference")
     tokenizer = load_tokenizer(cfg)
@@ -375,16 +377,16 @@ def agreement(args) -> dict:
     model.eval()
     trl_batch = next(iter(trl.get_eval_dataloader()))              # in order, unlike training's
     examples, _ = tokenize_pairs(pairs, tokenizer, args.max_length, args.max_length - 1)
-    batch = to_device(collate_pairs(examples, pad_id(model)), trl.accelerator.device)
+    batch = to_device(PlainLayout().collate(examples, pad_id(model)), trl.accelerator.device)
     with torch.no_grad():
-        ours = pair_logps(model, batch)
-        packed_batch = to_device(collate_pairs(examples, pad_id(model), shared=True),
+        ours = PlainLayout().logps(model, batch)
+        packed_batch = to_device(PackedLayout().collate(examples, pad_id(model)),
                                  trl.accelerator.device)
-        shared = pair_logps(model, packed_batch)
-        fast = pair_logps(model, packed_batch, chunked_head=True)
+        shared = PackedLayout().logps(model, packed_batch)
+        fast = PackedLayout(chunked_head=True).logps(model, packed_batch)
         trl_loss = trl._compute_loss(model, trl_batch, False)
         model.set_adapter("ref")                 # our log-probs of TRL's reference model
-        ref_chosen, ref_rejected = pair_logps(model, batch)[:2]
+        ref_chosen, ref_rejected = PlainLayout().logps(model, batch)[:2]
         model.set_adapter("default")
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
         kwargs = {k: v for k, v in trl_batch.items() if k in ("input_ids", "attention_mask")}
@@ -475,7 +477,7 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from dpo_lib.llama_runtime import cpu_threads
+    from dpo_lib.deploy.llama_runtime import cpu_threads
 
     return f"CPU, {cpu_threads()} cores"
 

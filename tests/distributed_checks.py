@@ -6,10 +6,10 @@
 
 ``device``: each process loads the tiny model in NF4 and writes ``rank<r>.json`` with the device
 its weights are on, its accelerator's device, and (on CPU, with CUDA pretended) the device map that
-:func:`dpo_lib.models.load_model` asks transformers for. ``train``: a tiny training run
+:func:`dpo_lib.core.models.load_model` asks transformers for. ``train``: a tiny training run
 (``key=value`` overrides), with test-only patches: ``--sgd`` (plain SGD, so one step's update is
 the gradient itself), ``--nan-rank``/``--nan-call`` (a NaN SFT loss on one process only, at its
-N-th micro-batch). A NonFiniteLossError is written to ``rank<r>.error`` before every process
+N-th micro-batch). A NonFiniteStepError is written to ``rank<r>.error`` before every process
 meets at a barrier, so that the test sees what each process raised.
 """
 import argparse
@@ -23,9 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpo_lib import models  # noqa: E402
-from dpo_lib import train as train_lib  # noqa: E402
-from dpo_lib.config import load_config  # noqa: E402
+from dpo_lib.core import models  # noqa: E402
+from dpo_lib.training import train as train_lib  # noqa: E402
+from dpo_lib.training import step as step_lib  # noqa: E402
+from dpo_lib.core.layouts import SequenceLayout  # noqa: E402
+from dpo_lib.core.config import load_config  # noqa: E402
 
 
 def check_device(out: Path) -> None:
@@ -60,21 +62,21 @@ def check_device(out: Path) -> None:
 def run_training(out: Path, args) -> None:
     rank = int(os.environ.get("RANK", 0))
     if args.sgd:
-        train_lib.make_optimizer = lambda cfg, parameters: torch.optim.SGD(
-            parameters, lr=train_lib.learning_rate(cfg))
+        step_lib.make_optimizer = lambda cfg, parameters: torch.optim.SGD(
+            parameters, lr=step_lib.learning_rate(cfg))
     if args.nan_rank == rank:
-        original, calls = train_lib.sft_nll, [0]
+        original, calls = SequenceLayout.nll, [0]
 
-        def poisoned(model, batch, *rest):
+        def poisoned(self, model, batch):
             calls[0] += 1
-            nll, counts = original(model, batch, *rest)
+            nll, counts = original(self, model, batch)
             return (nll * float("nan") if calls[0] == args.nan_call else nll), counts
 
-        train_lib.sft_nll = poisoned
+        SequenceLayout.nll = poisoned
     cfg = load_config("tiny", overrides=args.overrides)
     try:
         train_lib.train(cfg, progress=False)
-    except train_lib.NonFiniteLossError as error:
+    except step_lib.NonFiniteStepError as error:
         (out / f"rank{rank}.error").write_text(str(error))
         torch.distributed.barrier()
         raise

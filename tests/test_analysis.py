@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_lib import analysis
+from dpo_lib.lessons import analysis
 
 matplotlib.use("Agg")
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from dpo_lib import bundled
-from dpo_lib.data import ASSISTANT, BUNDLED_DIR, HUMAN, split_hh_pair
+from dpo_lib.lessons import bundled
+from dpo_lib.core.data import ASSISTANT, BUNDLED_DIR, HUMAN, split_hh_pair
 
 
 def test_committed_files_are_the_generators_output(tmp_path, capsys):

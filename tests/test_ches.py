@@ -1,12 +1,13 @@
-"""dpo_lib.ches: CHES by hand, the hidden-state sums against a plain forward, the pair filter."""
+"""dpo_lib.training.ches: CHES by hand, the hidden-state sums against a plain forward, the pair filter."""
 import pytest
 import torch
 
-from dpo_lib import ches
-from dpo_lib.config import load_config
-from dpo_lib.batches import tokenize_pairs
-from dpo_lib.data import load_split
-from dpo_lib.models import add_lora, load_model, load_tokenizer
+from dpo_lib.training import ches
+from dpo_lib.core.config import load_config
+from dpo_lib.core.batches import tokenize_pairs
+from dpo_lib.core.data import load_split
+from dpo_lib.core.layouts import PackedLayout, PlainLayout
+from dpo_lib.core.models import add_lora, load_model, load_tokenizer
 
 
 def test_ches_matches_hand_values():
@@ -21,15 +22,15 @@ def test_ches_matches_hand_values():
     assert same["ches"].item() == 0 and same["ches_normalised"].item() == 0
 
 
-def test_hidden_sums_equal_a_plain_forward_by_hand():
+@pytest.mark.parametrize("layout", [PlainLayout(), PackedLayout()], ids=["plain", "packed"])
+def test_hidden_sums_equal_a_plain_forward_by_hand(layout):
     cfg = load_config("tiny")
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = add_lora(load_model(cfg), cfg)
     pairs, _ = load_split(cfg, "train", 5)
     examples, _ = tokenize_pairs(pairs, tokenizer, 96, 64)
-    sums = ches.answer_hidden_sums(model, examples, batch_size=2,
-                                   pad_token_id=tokenizer.pad_token_id)
+    sums = ches.answer_hidden_sums(model, examples, layout, batch_size=2)
     model.eval()
     for i, example in enumerate(examples):
         for side in ("chosen", "rejected"):

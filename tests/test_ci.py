@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import yaml
 
-from dpo_lib.config import REPO_ROOT
+from dpo_lib.core.config import REPO_ROOT
 
 spec = importlib.util.spec_from_file_location("gpu_wheels", REPO_ROOT / ".ci" / "gpu_wheels.py")
 gpu_wheels = importlib.util.module_from_spec(spec)

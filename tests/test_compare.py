@@ -5,10 +5,10 @@ from math import comb
 import pytest
 import torch
 
-from dpo_lib import compare
-from dpo_lib import train as train_lib
-from dpo_lib.config import load_config
-from dpo_lib.logps import PairLogps
+from dpo_lib.lessons import compare
+from dpo_lib.training import train as train_lib
+from dpo_lib.core.config import load_config
+from dpo_lib.core.logps import PairLogps
 
 
 def test_sign_test_by_hand():

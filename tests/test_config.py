@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dpo_lib.config import PROFILES, load_config, resolve_profile
+from dpo_lib.core.config import PROFILES, load_config, resolve_profile
 
 REQUIRED = ["model.name", "model.quantization", "data.source", "data.max_length",
             "data.max_prompt_length", "train.batch_size", "train.sft_steps",
@@ -80,7 +80,7 @@ def test_unique_leaf_names_need_no_section():
 
 
 def test_every_recipe_file_loads():
-    from dpo_lib.config import CONFIG_DIR, available_profiles
+    from dpo_lib.core.config import CONFIG_DIR, available_profiles
 
     recipes = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.stem not in available_profiles())
     assert len(recipes) >= 6
@@ -106,7 +106,7 @@ def test_the_real_data_profile_holds_out_a_slice_of_its_one_file():
 
 def test_figures_never_go_to_the_committed_folder_under_pytest():
     """The root conftest.py points DPO_FIGURES_DIR away from figures/ and notebooks/."""
-    from dpo_lib.config import FIGURES_DIR, REPO_ROOT
+    from dpo_lib.core.config import FIGURES_DIR, REPO_ROOT
 
     for committed in (REPO_ROOT / "figures", REPO_ROOT / "notebooks"):
         assert FIGURES_DIR != committed and committed not in FIGURES_DIR.parents, FIGURES_DIR
@@ -119,7 +119,7 @@ def test_importing_the_config_creates_no_folder(tmp_path):
 
     target = tmp_path / "not" / "yet"
     env = {**os.environ, "DPO_FIGURES_DIR": str(target)}
-    code = "import dpo_lib.config as c; print(c.FIGURES_DIR)"
+    code = "import dpo_lib.core.config as c; print(c.FIGURES_DIR)"
     printed = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                              capture_output=True, text=True).stdout.strip()
     assert printed == str(target.resolve()) and not target.exists()

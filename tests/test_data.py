@@ -7,11 +7,12 @@ import socket
 import pytest
 import torch
 
-from dpo_lib import data, hub
-from dpo_lib.batches import (IGNORE_INDEX, batch_indices, collate_preference, collate_sft,
-                             padding_fraction, padding_report, sft_examples, tokenize_pairs)
-from dpo_lib.data import ASSISTANT, HUMAN, PairError, load_preference_pairs, split_hh_pair
-from dpo_lib.hub import HubUnavailableError
+from dpo_lib.core import data
+from dpo_lib.core import hub
+from dpo_lib.core.batches import IGNORE_INDEX, batch_indices, sft_examples, tokenize_pairs
+from dpo_lib.core.layouts import PlainLayout, SequenceLayout, padding_fraction, padding_report
+from dpo_lib.core.data import ASSISTANT, HUMAN, PairError, load_preference_pairs, split_hh_pair
+from dpo_lib.core.hub import HubUnavailableError
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -305,7 +306,7 @@ def _fake_hub(monkeypatch, sizes: dict):
 
 
 def test_gpu_profile_samples_its_pairs_from_every_hub_subset(monkeypatch):
-    from dpo_lib.config import load_config
+    from dpo_lib.core.config import load_config
 
     cfg = load_config("gpu", overrides={"data.train_limit": 200, "data.test_limit": 40})
     calls = _fake_hub(monkeypatch, {subset: 500 for subset in hub.HH_SUBSETS})
@@ -419,7 +420,7 @@ def test_sft_examples_are_prompt_plus_chosen():
 
 
 def test_real_tokenizer_tokenizes_prompt_and_answer_separately():
-    from dpo_lib.models import load_tokenizer
+    from dpo_lib.core.models import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-gpt-neox")
     pair = {"prompt": f"{HUMAN} Hi{ASSISTANT}", "chosen": " Hello there.", "rejected": " Go."}
@@ -432,11 +433,11 @@ def test_real_tokenizer_tokenizes_prompt_and_answer_separately():
 
 # ---- collation and batching ----------------------------------------------------------------
 
-def test_collate_preference_pads_both_sides_to_one_length():
+def test_plain_layout_pads_both_sides_to_one_length():
     pairs = [{"prompt": "Q:", "chosen": " yes", "rejected": " no"},
              {"prompt": "Longer?", "chosen": " a", "rejected": " bb"}]
     examples, _ = tokenize_pairs(pairs, CharTokenizer(), 32, 16)
-    batch = collate_preference(examples, pad_token_id=7)
+    batch = PlainLayout().collate(examples, pad_token_id=7)
     assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == (2, 11)
     assert batch["chosen_input_ids"][0].tolist() == ids("Q: yes") + [0] + [7] * 4
     assert batch["chosen_attention_mask"][0].tolist() == [1] * 7 + [0] * 4
@@ -446,9 +447,9 @@ def test_collate_preference_pads_both_sides_to_one_length():
     assert padding_fraction(batch) == pytest.approx(1 - real / (4 * 11))
 
 
-def test_collate_sft():
+def test_sequence_layout_pads_sft_examples():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}]
-    batch = collate_sft(examples, pad_token_id=0)
+    batch = SequenceLayout().collate(examples, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
@@ -456,7 +457,7 @@ def test_collate_sft():
 
 
 def test_length_grouping_covers_every_example_once_and_cuts_padding():
-    from dpo_lib.models import load_tokenizer
+    from dpo_lib.core.models import load_tokenizer
 
     pairs, _ = load_preference_pairs("bundled", "train", limit=400)
     examples, _ = tokenize_pairs(pairs, load_tokenizer("tiny-gpt-neox"), 128, 96)

@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("llama_cpp", reason="GGUF export needs llama-cpp-python (the deploy extra)")
 
-from dpo_lib import export, gguf_check, llama_runtime  # noqa: E402
-from dpo_lib.runs import load_run_config  # noqa: E402
-from dpo_lib.chat import reply, stream_reply  # noqa: E402
-from dpo_lib.config import load_config  # noqa: E402
-from dpo_lib.models import add_lora, load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
+from dpo_lib.deploy import export, gguf_check, llama_runtime  # noqa: E402
+from dpo_lib.core.runs import load_run_config  # noqa: E402
+from dpo_lib.deploy.chat import reply, stream_reply  # noqa: E402
+from dpo_lib.core.config import load_config  # noqa: E402
+from dpo_lib.core.models import add_lora, load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,7 +225,7 @@ def test_repacked_4bit_weights_are_refused(tmp_path):
     dequantizing them afterwards would not give the trained-against weights."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from dpo_lib.models import architecture_config
+    from dpo_lib.core.models import architecture_config
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(tmp_path)
@@ -262,7 +262,7 @@ def test_chat_streams_and_the_cli_answers(tiny_export):
     finally:
         llm.close()
     assert len(pieces) >= 1
-    out = subprocess.run([sys.executable, "-m", "dpo_lib.chat", str(tiny_export[2]["q8_0"]),
+    out = subprocess.run([sys.executable, "-m", "dpo_lib.deploy.chat", str(tiny_export[2]["q8_0"]),
                           "--prompt", "What is the capital of France?", "--max-tokens", "12"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -270,7 +270,7 @@ def test_chat_streams_and_the_cli_answers(tiny_export):
 
 
 def test_export_cli_with_space_folder(tiny_export, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dpo_lib.export", str(tiny_export[0]),
+    out = subprocess.run([sys.executable, "-m", "dpo_lib.deploy.export", str(tiny_export[0]),
                           "--quant", "q8_0", "--out", str(tmp_path), "--space"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -326,11 +326,11 @@ def test_smollm2_export_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def app_url(tiny_export):
-    """The app started with its one command (:func:`dpo_lib.browser.serve_app`), on the tiny GGUF
+    """The app started with its one command (:func:`dpo_lib.deploy.browser.serve_app`), on the tiny GGUF
     or ``$DPO_APP_MODEL``."""
     import os
 
-    from dpo_lib.browser import serve_app
+    from dpo_lib.deploy.browser import serve_app
 
     pytest.importorskip("gradio")
     model = os.environ.get("DPO_APP_MODEL") or str(tiny_export[2]["q4_k_m"])
@@ -351,7 +351,7 @@ def test_app_in_a_headless_browser(app_url, tmp_path):
     screenshot goes to a temporary folder (a test never writes into ``figures/``: the committed
     ``figures/08_chat_app.png`` is made by notebook 08 with the same function)."""
     pytest.importorskip("selenium.webdriver")
-    from dpo_lib.browser import ask_in_browser, chromium
+    from dpo_lib.deploy.browser import ask_in_browser, chromium
 
     if chromium() is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium "

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from dpo_lib.config import load_config
-from dpo_lib.data import load_preference_pairs
-from dpo_lib.generate import generate_answers, score_answers
-from dpo_lib.models import load_model, load_tokenizer
+from dpo_lib.core.config import load_config
+from dpo_lib.core.data import load_preference_pairs
+from dpo_lib.lessons.generate import generate_answers, score_answers
+from dpo_lib.core.models import load_model, load_tokenizer
 
 
 def test_batched_left_padded_generation_equals_one_by_one():

@@ -9,44 +9,46 @@ import math
 import pytest
 import torch
 
-from dpo_lib import quantization as Q
-from dpo_lib import train as train_lib
-from dpo_lib.config import load_config
-from dpo_lib.memory import random_pair_examples, trainer_step
-from dpo_lib.models import add_lora, compute_dtype, load_model
-from dpo_lib.reference import precompute_reference_logps
-from dpo_lib.runs import read_metrics
+from dpo_lib.lessons import quantization as Q
+from dpo_lib.core.layouts import SequenceLayout
+from dpo_lib.training import train as train_lib
+from dpo_lib.core.config import load_config
+from dpo_lib.lessons.memory import random_pair_examples
+from dpo_lib.core.models import architecture_config, compute_dtype, load_model
+from dpo_lib.training.step import make_accelerator, training_step
+from dpo_lib.training.train import collated, step_outside_a_run
+from dpo_lib.core.runs import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def dpo_step(cfg, pairs: int, length: int) -> dict:
-    """One DPO training step as the trainer takes it, through its own functions: the profile's
-    model with LoRA, its accelerator (mixed precision) and optimizer; the reference log-probs
-    first, with adapters off (dpo_lib.reference, as the trainer computes them before training);
-    then dpo_lib.memory.trainer_step on ``pairs`` random pairs of ``length`` tokens (half prompt,
-    no padding: the worst case for memory): the policy pass, the loss, backward, optimizer step."""
-    model = add_lora(load_model(cfg), cfg)
-    accelerator = train_lib.make_accelerator(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train_lib.make_optimizer(cfg, trainable)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    examples = random_pair_examples(pairs, length, length // 2, model.config.vocab_size)
-    reference = precompute_reference_logps(model, examples, pairs, accelerator, use_adapter=False,
-                                           progress=False, shared=cfg.train.shared_prompt,
-                                           chunked=cfg.train.chunked_head)
-    before = [p.detach().clone() for p in trainable]
-    losses, rows = trainer_step(model, optimizer, accelerator, examples, reference, cfg)
-    grads = [p.grad for p in trainable if p.grad is not None]
-    moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, trainable))
-    return dict(loss=losses.mean().item(), logps=(rows.chosen_logps, rows.rejected_logps),
-                grads=grads, trainable=len(trainable), moved=moved, model=model)
+    """One DPO training step as the trainer takes it: its set-up outside a run folder
+    (dpo_lib.training.train.step_outside_a_run: the profile's model with LoRA, its accelerator
+    with mixed precision, optimizer and schedule, the reference pass with adapters off), then
+    dpo_lib.training.step.training_step on ``pairs`` random pairs of ``length`` tokens (half
+    prompt, no padding: the worst case for memory)."""
+    vocab = architecture_config(cfg.model.name.removeprefix("random:")).vocab_size
+    examples = random_pair_examples(pairs, length, length // 2, vocab)
+    model, _, state = step_outside_a_run(cfg, examples)
+    before = [p.detach().clone() for p in state.trainable]
+    grads = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.clone()))
+             for p in state.trainable]
+    result = training_step(model, collated(examples, [range(pairs)], state, model), state)
+    for hook in hooks:
+        hook.remove()
+    moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, state.trainable))
+    return dict(loss=result.metrics["loss"], result=result, grads=grads,
+                trainable=len(state.trainable), moved=moved, model=model)
 
 
 def check_finite_step(step: dict) -> None:
     assert math.isfinite(step["loss"])
-    chosen, _ = step["logps"]
-    assert chosen.dtype == torch.float32 and all(torch.isfinite(t).all() for t in step["logps"])
+    metrics = step["result"].metrics
+    assert step["result"].losses.dtype == torch.float32 and step["result"].losses.isfinite().all()
+    assert math.isfinite(metrics["logps/chosen"]) and math.isfinite(metrics["logps/rejected"])
+    assert math.isfinite(metrics["grad_norm"]) and not metrics["skipped"]
     assert len(step["grads"]) == step["trainable"] > 0          # every LoRA matrix got a gradient
     assert all(torch.isfinite(g).all() for g in step["grads"])
     assert any(g.abs().sum() > 0 for g in step["grads"])
@@ -115,7 +117,7 @@ def test_fp16_compute_gives_finite_dpo_logps():
 def test_seed_recipe_dpo_step_fits_in_24_gb():
     """pythia-2.8b's shape (random weights), NF4 + double quant, LoRA r 8, gradient checkpointing,
     the gpu profile's micro-batch of 4 pairs at max length 512, paged 8-bit AdamW."""
-    from dpo_lib.memory import estimate_memory
+    from dpo_lib.lessons.memory import estimate_memory
 
     cfg = load_config("gpu", overrides={"model.name": "random:pythia-2.8b"})
     torch.cuda.empty_cache()
@@ -148,16 +150,16 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
         "train.warmup_steps": 0, "train.lr_scheduler": "linear", "data.train_limit": 32,
         "data.test_limit": 8, "train.output_dir": str(tmp_path / "plain")})
     plain = read_metrics(train_lib.train(cfg, progress=False).output_dir)
-    original, calls = train_lib.sft_nll, []
+    original, calls = SequenceLayout.nll, []
 
-    def inf_gradients_at_step_1(model, batch, *rest):
+    def inf_gradients_at_step_1(self, model, batch):
         calls.append(1)
-        nll, counts = original(model, batch, *rest)
+        nll, counts = original(self, model, batch)
         if len(calls) == 1:
             nll.register_hook(lambda grad: grad * float("inf"))
         return nll, counts
 
-    monkeypatch.setattr(train_lib, "sft_nll", inf_gradients_at_step_1)
+    monkeypatch.setattr(SequenceLayout, "nll", inf_gradients_at_step_1)
     run = tmp_path / "skip"
     skip = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
@@ -165,7 +167,7 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
     assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
     scale = torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"]
     assert scale == pytest.approx(2.0 ** 15)                            # 65536, halved once
-    monkeypatch.setattr(train_lib, "sft_nll", original)
+    monkeypatch.setattr(SequenceLayout, "nll", original)
     shutil.rmtree(run / "checkpoint-4")
     shutil.rmtree(run / "adapter")
     resumed = read_metrics(train_lib.train(
@@ -188,7 +190,7 @@ def test_each_process_holds_its_model_on_its_own_gpu(tmp_path):
     import subprocess
     import sys
 
-    from dpo_lib.config import REPO_ROOT
+    from dpo_lib.core.config import REPO_ROOT
 
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs two GPUs, this machine has {torch.cuda.device_count()}")
@@ -237,7 +239,7 @@ def test_cuda_profiles_fail_fast_without_cuda(profile, monkeypatch):
                        r".*DPO_PROFILE=cpu"):
         load_model(cfg)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU for training"):
-        train_lib.make_accelerator(cfg)
+        make_accelerator(cfg)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         train_lib.train(cfg.with_overrides({"train.output_dir": "/nonexistent/never-written"}),
                         progress=False)

@@ -10,35 +10,51 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lib.config import REPO_ROOT
+from dpo_lib.core.config import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "dpo_lib"
 MAX_LINES = 450
+WINGS = ("core", "training", "deploy", "lessons")
+#: Which wings each wing may import (besides itself): core nothing, training and deploy only core,
+#: the lessons anything.
+MAY_IMPORT = {"core": set(), "training": {"core"}, "deploy": {"core"},
+              "lessons": {"core", "training", "deploy"}}
+
+
+def module_name(path: Path) -> str:
+    """``wing.module`` for ``dpo_lib/wing/module.py``."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
 
 
 def internal_imports(path: Path) -> set[str]:
-    """Modules of dpo_lib that ``path`` imports anywhere (top level or inside functions)."""
+    """Modules of dpo_lib (``wing.module``) that ``path`` imports anywhere, top level or inside
+    functions, by relative or absolute import."""
+    here = module_name(path).split(".")[:-1]            # the importing module's package parts
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:               # from .x import y / from . import x
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("dpo_lib."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "dpo_lib":
-                found.update(alias.name for alias in node.names)
+            if node.level:
+                base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
+                parts = base + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.startswith("dpo_lib"):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            if len(parts) >= 2:
+                found.add(".".join(parts[:2]))
+            elif len(parts) == 1:                        # from .wing import module, ...
+                found.update(f"{parts[0]}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names
-                         if alias.name.startswith("dpo_lib."))
+            found.update(".".join(alias.name.split(".")[1:3]) for alias in node.names
+                         if alias.name.startswith("dpo_lib.") and alias.name.count(".") >= 2)
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    return {name: internal_imports(PACKAGE / f"{name}.py") & modules - {name} for name in modules}
+    modules = {module_name(p) for wing in WINGS for p in (PACKAGE / wing).glob("*.py")
+               if p.stem != "__init__"}
+    return {name: internal_imports(PACKAGE / f"{name.replace('.', '/')}.py") & modules - {name}
+            for name in modules}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -65,35 +81,60 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_walk_finds_a_cycle_when_there_is_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert "train" in internal_imports(PACKAGE / "sweep.py")          # a function-level import
+    assert "training.train" in internal_imports(PACKAGE / "training" / "sweep.py")  # in a function
+    assert "core.config" in internal_imports(PACKAGE / "training" / "train.py")    # ..core.config
+    assert "core.layouts" in internal_imports(PACKAGE / "training" / "step.py")
 
 
 def test_no_import_cycle_in_dpo_lib():
     graph = import_graph()
-    assert len(graph) > 20 and graph["train"] and graph["packing"]
+    assert len(graph) > 30 and graph["training.train"] and graph["core.layouts"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
-def test_dependencies_run_one_way():
-    """config -> data -> models -> log-probs -> forward -> reference -> steps -> train, then the
-    GGUF check, then export (whose command line verifies its files with the GGUF check): no
-    module reaches one later in the chain."""
+def test_every_module_lives_in_a_wing():
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py"]
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == sorted(WINGS)
+
+
+def wing_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} imports {target}" for module, targets in graph.items()
+                  for target in targets
+                  if target.split(".")[0] != module.split(".")[0]
+                  and target.split(".")[0] not in MAY_IMPORT[module.split(".")[0]])
+
+
+def test_wings_depend_one_way():
+    """core imports no other wing; training and deploy only core (deploy needs a finished run
+    folder, never the trainer); lessons may import anything."""
+    assert wing_violations(import_graph()) == []
+    # the check itself catches a wrong import
+    assert wing_violations({"core.models": {"lessons.bundled"}, "deploy.x": {"training.train"},
+                            "lessons.y": {"training.train"}}) == \
+        ["core.models imports lessons.bundled", "deploy.x imports training.train"]
+
+
+def test_dependencies_run_one_way_within_core():
+    """A pair's way down the core wing: config -> data -> batches -> logps -> layouts -> scoring,
+    then losses, and the training wing's reference -> step -> train: no module reaches one later
+    in the chain."""
     graph = import_graph()
 
     def reaches(a, b, seen=()):
         return b in graph[a] or any(reaches(n, b, seen + (a,)) for n in graph[a] if n not in seen)
 
-    order = ["config", "hub", "data", "batches", "models", "logps", "packing", "forward",
-             "reference", "ches", "steps", "runs", "train", "gguf_check", "export"]
+    order = ["core.config", "core.hub", "core.data", "core.batches", "core.logps",
+             "core.layouts", "core.scoring", "training.reference", "training.step",
+             "training.train"]
     for lower, upper in zip(order, order[1:]):
         assert not reaches(lower, upper), f"{lower} depends on {upper}"
-    assert not reaches("losses", "logps") and not reaches("logps", "losses")
-    for analysis in ("analysis", "compare", "sweep", "memory", "llama_runtime"):
-        assert not reaches(analysis, "export") and not reaches(analysis, "gguf_check"), analysis
+    assert not reaches("core.losses", "core.logps") and not reaches("core.logps", "core.losses")
+    assert not reaches("core.models", "core.layouts")
 
 
 def test_no_module_is_over_the_line_limit():
-    long = {p.name: n for p in PACKAGE.glob("*.py")
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 
@@ -133,7 +174,7 @@ def test_the_wheel_holds_the_profiles_and_data_and_loads_them_outside_the_checko
                     str(site), str(wheel)], check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import dpo_lib, dpo_lib.config as c; from dpo_lib.data import load_preference_pairs\n"
+    code = ("import dpo_lib, dpo_lib.core.config as c; from dpo_lib.core.data import load_preference_pairs\n"
             "cfg = c.load_config('cpu'); pairs, _ = load_preference_pairs('bundled', 'test', 3)\n"
             "print(dpo_lib.__file__, c.IN_CHECKOUT, cfg.model.name, cfg.train.shared_prompt, "
             "len(pairs), c.RUNS_DIR)")
@@ -150,16 +191,21 @@ def test_the_wheel_holds_the_profiles_and_data_and_loads_them_outside_the_checko
     assert list(elsewhere.iterdir()) == []                     # importing created no folder
 
 
+WING_OF_TOOL = {"train": "training", "sweep": "training", "export": "deploy", "chat": "deploy",
+                "app": "deploy", "compare": "lessons"}
+
+
 def run_tool(module: str, *args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "DPO_PROGRESS": "0"}
     env.pop("DPO_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", f"dpo_lib.{module}", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", f"dpo_lib.{WING_OF_TOOL[module]}.{module}", *args],
+                          cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("args, message", [
     (["tiny", "no_such_key=1"], "unknown config key 'no_such_key'"),
-    (["tiny", "stage=sftt"], "train.stage='sftt': choose sft or preference"),
+    (["tiny", "stage=sftt"], "config key 'train.stage' must be one of sft, preference; got 'sftt'"),
     (["tiny", "data.max_length=abc"], "config key 'data.max_length' must be int"),
     (["no-such-profile"], "unknown profile 'no-such-profile'"),
 ])

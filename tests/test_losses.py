@@ -1,13 +1,13 @@
-"""dpo_lib.losses: hand-computed values, gradients (autograd and finite differences), log-probs."""
+"""dpo_lib.core.losses: hand-computed values, gradients (autograd and finite differences), log-probs."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_lib import losses
-from dpo_lib.logps import sequence_logps
-from dpo_lib.losses import preference_loss, preference_metrics
+from dpo_lib.core import losses
+from dpo_lib.core.logps import sequence_logps
+from dpo_lib.core.losses import preference_loss, preference_metrics
 
 
 def _pair(h_policy_chosen=-1.0, h_policy_rejected=-2.0, ref_chosen=-1.5, ref_rejected=-1.5):
@@ -159,7 +159,7 @@ def test_sequence_logps_chunked_path_and_gradient(monkeypatch):
     mask = labels[:, 1:] != -100
     naive = (shifted.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask)
     naive.sum(-1).pow(2).sum().backward()
-    monkeypatch.setattr("dpo_lib.logps.CHUNK_ELEMENTS", 13 * 3)     # three positions per chunk
+    monkeypatch.setattr("dpo_lib.core.logps.CHUNK_ELEMENTS", 13 * 3)     # three positions per chunk
     ours = logits.clone().requires_grad_(True)
     got = sequence_logps(ours, labels)
     got.pow(2).sum().backward()

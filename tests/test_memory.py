@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lib.logps import CHUNK_ELEMENTS
-from dpo_lib.memory import GB, estimate_memory, fits, model_shapes
-from dpo_lib.models import load_model
-from dpo_lib.config import load_config
+from dpo_lib.core.logps import CHUNK_ELEMENTS
+from dpo_lib.lessons.memory import GB, estimate_memory, fits, model_shapes
+from dpo_lib.core.models import load_model
+from dpo_lib.core.config import load_config
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
 #: Predicted vs measured on the tiny model (fresh process, CPU): within 20 %.
@@ -62,7 +62,7 @@ def test_pythia_2p8b_dpo_fits_24_and_16_gb_with_checkpointing():
 
 @pytest.mark.parametrize("layout", [{}, {"shared": True, "chunked": True}], ids=["plain", "cpu"])
 def test_estimate_matches_the_trainers_measured_cpu_step_on_tiny_model(layout):
-    """The trainer's own step (dpo_lib.memory.trainer_step) in a fresh process, plain and in the
+    """The trainer's own step (dpo_lib.training.step.training_step) in a fresh process, plain and in the
     cpu profile's layout (shared prompt, chunked output layer)."""
     run = dict(arch="tiny-gpt-neox", quant="nf4", batch=8, seq=512, checkpointing=False,
                lora_r=8, double_quant=True, compute_dtype="float32", **layout)
@@ -85,7 +85,7 @@ def test_peak_memory_without_proc(monkeypatch, tmp_path):
     or None."""
     import sys
 
-    from dpo_lib.memory import peak_rss_mb
+    from dpo_lib.core.machine import peak_rss_mb
 
     linux = peak_rss_mb()
     assert linux is not None and linux > 10
@@ -99,7 +99,7 @@ def test_peak_memory_without_proc(monkeypatch, tmp_path):
 def test_cpu_threads_without_sched_getaffinity(monkeypatch):
     import os
 
-    from dpo_lib.llama_runtime import cpu_threads
+    from dpo_lib.deploy.llama_runtime import cpu_threads
 
     assert cpu_threads() >= 1
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)

@@ -4,9 +4,9 @@ import importlib.util
 import pytest
 import torch
 
-from dpo_lib.config import load_config
-from dpo_lib.logps import token_logps
-from dpo_lib.models import (ARCHITECTURES, add_lora, architecture_config, load_model,
+from dpo_lib.core.config import load_config
+from dpo_lib.core.logps import token_logps
+from dpo_lib.core.models import (ARCHITECTURES, add_lora, architecture_config, load_model,
                             load_tokenizer, quantization_config, reference_mode,
                             is_checkpointing, keep_trainable_4bit_layout, set_gradient_checkpointing)
 
@@ -44,7 +44,7 @@ def test_tiny_tokenizer_needs_no_download(cfg):
 
 
 def test_architectures_match_published_sizes():
-    from dpo_lib.memory import model_shapes
+    from dpo_lib.lessons.memory import model_shapes
 
     published = {"pythia-160m": 162_322_944, "pythia-1b": 1_011_781_632,
                  "pythia-2.8b": 2_775_208_960, "smollm2-135m": 134_515_008}
@@ -242,7 +242,7 @@ def test_remote_code_loads_only_when_the_config_trusts_it(remote_code_model, mon
 
 
 def test_trust_remote_code_is_off_in_every_profile():
-    from dpo_lib.config import PROFILES
+    from dpo_lib.core.config import PROFILES
 
     for name in PROFILES:
         cfg = load_config(name)
@@ -269,6 +269,6 @@ def test_the_internlm2_recipe():
 
 def test_device_map_is_this_process_gpu(monkeypatch):
     """One process here; several processes: tests/test_train.py (each rank its own device)."""
-    from dpo_lib import models
+    from dpo_lib.core import models
 
     assert models.process_device_map() == (None if not torch.cuda.is_available() else {"": 0})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lib.config import REPO_ROOT
+from dpo_lib.core.config import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURE = re.compile(r'FIGURES_DIR\s*/\s*(?:f?)"(\d\d_[\w.-]+\.png)"')

@@ -4,7 +4,7 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from dpo_lib import quantization as Q  # noqa: E402
+from dpo_lib.lessons import quantization as Q  # noqa: E402
 
 
 def test_code_book_equals_bitsandbytes():
@@ -72,8 +72,8 @@ def test_double_quantization_matches_compress_statistics():
 
 def test_reference_matches_weights_quantized_by_transformers():
     """A tiny model loaded in NF4 by transformers holds exactly the codes of its fp32 weights."""
-    from dpo_lib.config import load_config
-    from dpo_lib.models import load_model
+    from dpo_lib.core.config import load_config
+    from dpo_lib.core.models import load_model
 
     cfg = load_config("tiny")
     full = load_model(cfg, quantization="none")

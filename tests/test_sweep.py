@@ -1,8 +1,9 @@
 """The sweep runner: run configs, skipping complete runs, collecting logs."""
 import pytest
 
-from dpo_lib import sweep, train as train_lib
-from dpo_lib.config import load_config
+from dpo_lib.training import sweep
+from dpo_lib.training import train as train_lib
+from dpo_lib.core.config import load_config
 
 
 @pytest.fixture(autouse=True)

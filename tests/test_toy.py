@@ -1,10 +1,10 @@
-"""dpo_lib.toy: closed forms of the KL-regularised bandit and the IPO end point of training."""
+"""dpo_lib.lessons.toy: closed forms of the KL-regularised bandit and the IPO end point of training."""
 import math
 
 import pytest
 import torch
 
-from dpo_lib import toy
+from dpo_lib.lessons import toy
 
 REWARDS = torch.tensor([1.0, 0.4, 0.0, -0.7], dtype=torch.float64)
 REF = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

@@ -9,9 +9,13 @@ import sys
 import pytest
 import torch
 
-from dpo_lib import forward, reference, runs
-from dpo_lib import train as train_lib
-from dpo_lib.config import REPO_ROOT, load_config
+from dpo_lib.core.batches import load_examples
+from dpo_lib.core.layouts import PlainLayout, SequenceLayout
+from dpo_lib.training import checkpoints, step as step_lib
+from dpo_lib.training import reference
+from dpo_lib.core import runs
+from dpo_lib.training import train as train_lib
+from dpo_lib.core.config import REPO_ROOT, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +47,16 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path, stage, loss_type):
 
 
 def test_reference_cache_hit_and_invalidation(tmp_path):
-    from dpo_lib.models import load_tokenizer
+    from dpo_lib.core.models import load_tokenizer
 
     cfg = tiny(tmp_path, "a", stage="preference")
     tokenizer = load_tokenizer(cfg)
-    _, examples, _ = train_lib.load_examples(cfg, tokenizer, "train", 16)
+    _, examples, _ = load_examples(cfg, tokenizer, "train", 16)
     key = reference.reference_cache_key(cfg, examples, None)
     assert key == reference.reference_cache_key(cfg, examples, None)
     assert key != reference.reference_cache_key(cfg, examples[:-1], None)           # data
     shorter = cfg.with_overrides({"data.max_length": 64, "data.max_prompt_length": 48})
-    _, short_examples, _ = train_lib.load_examples(shorter, tokenizer, "train", 16)
+    _, short_examples, _ = load_examples(shorter, tokenizer, "train", 16)
     assert key != reference.reference_cache_key(shorter, short_examples, None)      # tokenization
     assert key != reference.reference_cache_key(                                     # model
         cfg.with_overrides({"model.quantization": "nf4"}), examples, None)
@@ -67,13 +71,13 @@ def test_reference_cache_hit_and_invalidation(tmp_path):
 def test_dpo_and_ipo_share_one_reference_pass(tmp_path, monkeypatch):
     sft = train_lib.train(tiny(tmp_path, "sft", sft_steps=2), progress=False)
     calls = []
-    original = forward.concatenated_logps
+    original = PlainLayout.logps
 
-    def counting(model, batch, *args):
+    def counting(self, model, batch):
         calls.append(torch.is_grad_enabled())
-        return original(model, batch, *args)
+        return original(self, model, batch)
 
-    monkeypatch.setattr(forward, "concatenated_logps", counting)
+    monkeypatch.setattr(PlainLayout, "logps", counting)
     for loss_type in ("dpo", "ipo"):
         train_lib.train(tiny(tmp_path, loss_type, stage="preference", loss_type=loss_type,
                              init_adapter=str(sft.output_dir), preference_steps=2),
@@ -113,17 +117,17 @@ def test_resume_gives_the_same_metrics(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    original = train_lib.sft_nll
+    original = SequenceLayout.nll
     calls = {"n": 0}
 
-    def poisoned(model, batch, *args):
+    def poisoned(self, model, batch):
         calls["n"] += 1
-        nll, counts = original(model, batch, *args)
+        nll, counts = original(self, model, batch)
         return (nll * float("nan") if calls["n"] == 5 else nll), counts
 
-    monkeypatch.setattr(train_lib, "sft_nll", poisoned)
+    monkeypatch.setattr(SequenceLayout, "nll", poisoned)
     cfg = tiny(tmp_path, "run", sft_steps=8, save_every=2)
-    with pytest.raises(train_lib.NonFiniteLossError, match="step 5.*checkpoint-4"):
+    with pytest.raises(step_lib.NonFiniteStepError, match="loss.*checkpoint-4"):
         train_lib.train(cfg, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == \
         ["checkpoint-2", "checkpoint-4"]
@@ -165,11 +169,11 @@ def test_missing_sft_adapter_is_a_clear_error(tmp_path):
 def test_cuda_only_settings_fail_clearly_on_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
-    with pytest.raises(ValueError, match="needs CUDA"):
-        train_lib.make_optimizer(tiny(tmp_path, "x", optimizer="paged_adamw_8bit"),
-                                 [torch.nn.Parameter(torch.zeros(1))])
-    with pytest.raises(ValueError, match="needs a GPU"):
-        train_lib.make_accelerator(tiny(tmp_path, "x", mixed_precision="fp16"))
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        step_lib.make_optimizer(tiny(tmp_path, "x", optimizer="paged_adamw_8bit"),
+                                [torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        step_lib.make_accelerator(tiny(tmp_path, "x", mixed_precision="fp16"))
 
 
 def test_wandb_offline_logs_locally(tmp_path):
@@ -187,7 +191,7 @@ def run_cli(args, tmp_path, **env):
 
 def test_cli_with_overrides(tmp_path):
     out = tmp_path / "cli"
-    done = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", f"output_dir={out}",
+    done = run_cli([sys.executable, "-m", "dpo_lib.training.train", "tiny", f"output_dir={out}",
                     "sft_steps=2", "data.max_length=64", "data.max_prompt_length=48",
                     "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -195,7 +199,7 @@ def test_cli_with_overrides(tmp_path):
     saved = load_config(str(out / "config.yaml"))
     assert saved.data.max_length == 64 and saved.train.sft_steps == 2
     assert len([r for r in runs.read_metrics(out) if "loss" in r]) == 2
-    bad = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "sft_stepz=2"], tmp_path)
+    bad = run_cli([sys.executable, "-m", "dpo_lib.training.train", "tiny", "sft_stepz=2"], tmp_path)
     assert bad.returncode != 0 and "sft_steps" in bad.stderr
 
 
@@ -203,7 +207,7 @@ def test_cli_selects_the_new_losses(tmp_path):
     sft = train_lib.train(tiny(tmp_path, "sft", sft_steps=1), progress=False)
     for loss_type, extra in (("rpo", "rpo_alpha=0.5"), ("simpo", "simpo_gamma=0.3")):
         out = tmp_path / loss_type
-        done = run_cli([sys.executable, "-m", "dpo_lib.train", "tiny", "stage=preference",
+        done = run_cli([sys.executable, "-m", "dpo_lib.training.train", "tiny", "stage=preference",
                         f"loss_type={loss_type}", extra, f"init_adapter={sft.output_dir}",
                         f"output_dir={out}", "preference_steps=1", "train_limit=16",
                         "test_limit=8", "eval_every=0", "save_every=0", "--no-progress"], tmp_path)
@@ -219,10 +223,10 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path):
     common = ["tiny", "stage=preference", "preference_steps=3", "eval_every=0", "save_every=0",
               "train_limit=48", "--no-progress"]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    two = run_cli([torchrun, "--nproc_per_node", "2", "-m", "dpo_lib.train", *common,
+    two = run_cli([torchrun, "--nproc_per_node", "2", "-m", "dpo_lib.training.train", *common,
                    f"output_dir={tmp_path / 'two'}"], tmp_path, OMP_NUM_THREADS="1")
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run_cli([sys.executable, "-m", "dpo_lib.train", *common,
+    one = run_cli([sys.executable, "-m", "dpo_lib.training.train", *common,
                    "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = runs.read_metrics(tmp_path / "one"), runs.read_metrics(tmp_path / "two")
@@ -234,10 +238,10 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path):
 
 def test_preference_runs_can_have_their_own_learning_rate(tmp_path):
     cfg = load_config("tiny", overrides={"learning_rate": 1e-3, "preference_learning_rate": 1e-4})
-    assert train_lib.learning_rate(cfg.with_overrides({"stage": "sft"})) == 1e-3
-    assert train_lib.learning_rate(cfg.with_overrides({"stage": "preference"})) == 1e-4
+    assert step_lib.learning_rate(cfg.with_overrides({"stage": "sft"})) == 1e-3
+    assert step_lib.learning_rate(cfg.with_overrides({"stage": "preference"})) == 1e-4
     unset = cfg.with_overrides({"stage": "preference", "preference_learning_rate": None})
-    assert train_lib.learning_rate(unset) == 1e-3
+    assert step_lib.learning_rate(unset) == 1e-3
     result = train_lib.train(tiny(tmp_path, "lr", stage="sft", learning_rate=2e-3,
                                   preference_learning_rate=1e-5, warmup_steps=0,
                                   lr_scheduler="constant"), progress=False)
@@ -303,7 +307,7 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
 
 
 def sgd(cfg, parameters):
-    return torch.optim.SGD(parameters, lr=train_lib.learning_rate(cfg))
+    return torch.optim.SGD(parameters, lr=step_lib.learning_rate(cfg))
 
 
 def lora_b(run):
@@ -317,9 +321,9 @@ def test_sft_gradient_is_the_token_mean_of_the_whole_step(tmp_path, monkeypatch)
     """The same 8 examples in one optimizer step as batch 8, as 4 micro-batches of 2, and as
     2 processes x 2 micro-batches of 2: the same loss and, with plain SGD and no clipping (the
     update is the gradient), the same adapter after the step."""
-    from dpo_lib.runs import RunResult, read_metrics
+    from dpo_lib.core.runs import RunResult, read_metrics
 
-    monkeypatch.setattr(train_lib, "make_optimizer", sgd)
+    monkeypatch.setattr(step_lib, "make_optimizer", sgd)
     common = {"stage": "sft", "sft_steps": 1, "train_limit": 8, "test_limit": 8,
               "max_grad_norm": 1e9, "warmup_steps": 0, "lr_scheduler": "constant",
               "learning_rate": 0.5}
@@ -419,7 +423,7 @@ def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_metrics(tmp_path)
     cfg = tiny(tmp_path, "run", stage="sft", sft_steps=2)
     train_lib.train(cfg, progress=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(FileNotFoundError, match="no checkpoint.*resume=false"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.*overwrite=true"):
         train_lib.train(cfg.with_overrides({"train.resume": True}), progress=False)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
@@ -435,7 +439,8 @@ def test_resume_with_a_different_config_names_the_keys(tmp_path):
     # keys that do not change the computation may differ
     allowed = cfg.with_overrides({"train.resume": True, "train.eval_every": 2,
                                   "train.preference_steps": 99})
-    assert runs.resume_checkpoint(allowed, tmp_path / "run").name == "checkpoint-2"
+    run_id = runs.read_run_record(tmp_path / "run")["run_id"]
+    assert checkpoints.resume_checkpoint(allowed, tmp_path / "run", run_id).name == "checkpoint-2"
 
 
 def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
@@ -443,10 +448,10 @@ def test_reference_cache_key_holds_the_arithmetic(tmp_path, monkeypatch):
     neither is one from other library versions or another revision of the model."""
     import transformers
 
-    from dpo_lib.models import load_tokenizer
+    from dpo_lib.core.models import load_tokenizer
 
     cfg = tiny(tmp_path, "a", stage="preference")
-    _, examples, _ = train_lib.load_examples(cfg, load_tokenizer(cfg), "train", 8)
+    _, examples, _ = load_examples(cfg, load_tokenizer(cfg), "train", 8)
 
     def key(**overrides):
         return reference.reference_cache_key(cfg.with_overrides(overrides), examples, None)
@@ -492,7 +497,7 @@ def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
 def test_model_revision_of_a_local_folder_changes_with_its_files(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_lib.models import architecture_config
+    from dpo_lib.core.models import architecture_config
 
     AutoModelForCausalLM.from_config(architecture_config("tiny-gpt-neox")).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -507,7 +512,7 @@ def test_model_revision_of_a_local_folder_changes_with_its_files(tmp_path):
 def test_simpo_runs_without_a_reference_pass(tmp_path, monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("simpo asked for a reference pass")
-    monkeypatch.setattr(train_lib, "precompute_reference_logps", no_reference)
+    monkeypatch.setattr(train_lib, "reference_pass", no_reference)
     result = train_lib.train(tiny(tmp_path, "simpo", stage="preference", loss_type="simpo",
                                   preference_steps=2, eval_every=2, beta=2.0, simpo_gamma=1.0),
                              progress=False)
@@ -532,15 +537,15 @@ def test_rpo_adds_the_chosen_nll_to_dpo(tmp_path):
 
 @pytest.mark.parametrize("how", ["ches", "random"])
 def test_pair_filter_drops_its_share_before_the_reference_pass(tmp_path, monkeypatch, how):
-    from dpo_lib import ches
+    from dpo_lib.training import ches
 
     seen = []
-    original = train_lib.precompute_reference_logps
+    original = train_lib.reference_pass
 
     def counting(model, examples, *args, **kwargs):
         seen.append(len(examples))
         return original(model, examples, *args, **kwargs)
-    monkeypatch.setattr(train_lib, "precompute_reference_logps", counting)
+    monkeypatch.setattr(train_lib, "reference_pass", counting)
     cfg = tiny(tmp_path, how, stage="preference", preference_steps=1, train_limit=40,
                pair_filter=how, pair_filter_share=0.2)
     result = train_lib.train(cfg, progress=False)

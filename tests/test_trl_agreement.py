@@ -2,7 +2,7 @@
 
 * rpo: TRL's ``DPOTrainer(loss_type=["sigmoid", "sft"], loss_weights=[1, alpha])``. TRL's "sft" term
   is the chosen answers' NLL averaged over *every chosen token of the batch*; Pang et al. (and
-  ``dpo_lib.losses``) average per answer, then over pairs. The test checks our log-probs against
+  ``dpo_lib.core.losses``) average per answer, then over pairs. The test checks our log-probs against
   TRL's, and TRL's loss against DPO + alpha x that token-weighted NLL computed from ours, and shows
   how far the per-answer form is from it on this batch.
 * simpo: TRL's ``CPOTrainer(loss_type="simpo", cpo_alpha=0)`` on its own tokenized batch; our
@@ -15,12 +15,12 @@ trl = pytest.importorskip("trl", reason="the TRL agreement needs trl (the bench 
 
 from datasets import Dataset  # noqa: E402
 
-from dpo_lib import forward  # noqa: E402
-from dpo_lib.config import load_config  # noqa: E402
-from dpo_lib.batches import tokenize_pairs  # noqa: E402
-from dpo_lib.data import load_split  # noqa: E402
-from dpo_lib.losses import preference_loss  # noqa: E402
-from dpo_lib.models import add_lora, load_model, load_tokenizer  # noqa: E402
+from dpo_lib.core.layouts import PlainLayout  # noqa: E402
+from dpo_lib.core.config import load_config  # noqa: E402
+from dpo_lib.core.batches import tokenize_pairs  # noqa: E402
+from dpo_lib.core.data import load_split  # noqa: E402
+from dpo_lib.core.losses import preference_loss  # noqa: E402
+from dpo_lib.core.models import add_lora, load_model, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture
@@ -58,12 +58,13 @@ def test_rpo_agrees_with_trl_sigmoid_plus_sft(tiny_pairs, tmp_path):
     model.eval()
     trl_batch = next(iter(dpo.get_eval_dataloader()))
     examples, _ = tokenize_pairs(pairs, tokenizer, 192, 191)
-    batch = forward.collate_pairs(examples, tokenizer.pad_token_id)
+    layout = PlainLayout()
+    batch = layout.collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         trl_loss = float(dpo._compute_loss(model, trl_batch, False))
-        chosen, rejected, chosen_counts, _ = forward.pair_logps(model, batch)
+        chosen, rejected, chosen_counts, _ = layout.logps(model, batch)
         model.set_adapter("ref")
-        ref_chosen, ref_rejected = forward.pair_logps(model, batch)[:2]
+        ref_chosen, ref_rejected = layout.logps(model, batch)[:2]
         model.set_adapter("default")
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
         out = model(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"],
@@ -112,7 +113,7 @@ def test_simpo_agrees_with_trl_cpo_simpo(tiny_pairs, tmp_path):
     with torch.no_grad():
         trl_chosen, trl_rejected = cpo.concatenated_forward(model, cpo_batch)[:2]
         trl_losses = cpo.cpo_loss(trl_chosen, trl_rejected)[0]
-        chosen, rejected, chosen_counts, rejected_counts = forward.pair_logps(model, batch)
+        chosen, rejected, chosen_counts, rejected_counts = PlainLayout().logps(model, batch)
     chosen, rejected = chosen / chosen_counts, rejected / rejected_counts
     assert torch.allclose(chosen, trl_chosen.float(), atol=1e-4)
     assert torch.allclose(rejected, trl_rejected.float(), atol=1e-4)

@@ -1,0 +1,324 @@
+"""One optimizer step of either stage, and held-out evaluation: the one step that the trainer,
+the memory benchmark, the GPU tests and notebook 06 all take.
+
+::
+
+    accelerator = make_accelerator(cfg)
+    model, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
+    state = TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg), reference)
+    result = training_step(model, micro_batches, state)     # -> StepResult
+
+:func:`training_step` runs each micro-batch forward (:func:`micro_batch_loss`: the SFT stage's
+token-mean NLL, or a preference loss against the cached reference log-probs), backward (gradients
+synchronised across processes on the last micro-batch only), then checks that the loss and the
+gradient norm are finite on every process before anything changes, clips, and steps the optimizer
+and the learning-rate schedule. A non-finite step raises :class:`NonFiniteStepError` before the
+optimizer step, so no weight and no checkpoint ever comes from it; only fp16's GradScaler may skip
+a step with overflowing gradients (it then logs ``skipped: true`` and ``grad_norm: null``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..core.config import Config, mixed_precision, require_device
+from ..core.errors import DeviceError
+from ..core.layouts import pair_layout, real_tokens
+from ..core.logps import PairLogps, answer_counts
+from ..core.losses import (REFERENCE_FREE, average_logps, preference_loss,
+                           preference_metrics)
+from ..core.scoring import pass_over_pairs, to_device
+from .reference import reference_logps
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A NaN or inf loss or gradient norm stopped the run before its optimizer step; every
+    checkpoint the run has comes from finite steps."""
+
+
+class PreferenceRows(NamedTuple):
+    """What a preference step logs per pair: five ``[B]`` tensors (detached)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor       # the policy's, summed or token-mean as the loss uses them
+    rejected_logps: torch.Tensor
+
+    def rows(self) -> torch.Tensor:
+        """``[B, 5]``: one row per pair, the fields in order (for gathering across processes)."""
+        return torch.stack(self, dim=1)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "PreferenceRows":
+        """The inverse of :meth:`rows`: ``[B, 5]`` -> five ``[B]`` tensors."""
+        return cls(*rows.unbind(1))
+
+    def metrics(self, average: bool, prefix: str = "") -> dict[str, float]:
+        """:func:`dpo_lib.core.losses.preference_metrics` plus ``logps/accuracies`` (the policy's
+        log-prob ranks the chosen answer first), keys prefixed with ``prefix``."""
+        metrics = preference_metrics(*self, average, prefix=prefix)
+        metrics[prefix + "logps/accuracies"] = \
+            (self.chosen_logps > self.rejected_logps).float().mean().item()
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# What a step needs
+# --------------------------------------------------------------------------------------------
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    require_device(cfg, "training")
+    precision = mixed_precision(cfg)
+    if precision != "no" and not torch.cuda.is_available():
+        raise DeviceError(f"mixed_precision={precision} needs a GPU here; use 'no' or 'auto' on "
+                          "CPU")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def learning_rate(cfg: Config) -> float:
+    """The stage's peak learning rate: ``preference_learning_rate`` (when set) for preference
+    runs, ``learning_rate`` otherwise."""
+    preference = cfg.train.preference_learning_rate
+    if cfg.train.stage == "preference" and preference is not None:
+        return float(preference)
+    return float(cfg.train.learning_rate)
+
+
+def make_optimizer(cfg: Config, parameters):
+    name = cfg.train.optimizer
+    kwargs = dict(lr=learning_rate(cfg), weight_decay=cfg.train.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, **kwargs)
+    if not torch.cuda.is_available():
+        raise DeviceError(f"optimizer={name} needs CUDA (bitsandbytes' 8-bit optimizers); "
+                          "use optimizer=adamw on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
+    return cls(parameters, **kwargs)
+
+
+def total_steps(cfg: Config) -> int:
+    return cfg.train.sft_steps if cfg.train.stage == "sft" else cfg.train.preference_steps
+
+
+def prepare_training(cfg: Config, model, accelerator):
+    """The optimizer over the trainable (LoRA) parameters, the learning-rate schedule, and the
+    model and optimizer prepared by ``accelerator`` (DDP, mixed precision, devices). Returns
+    ``(model, optimizer, scheduler)``. Checkpoints go through accelerate's
+    ``save_state``/``load_state``: the scheduler is registered (not prepared, which would step it
+    once per process), and the frozen base model's weights are left out."""
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, trainable)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer,
+                              num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=total_steps(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+    return model, optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    """Everything :func:`training_step` needs besides the model and the batches.
+
+    ``layout``: :func:`dpo_lib.core.layouts.layout_for`; ``reference``: the reference log-probs of
+    every training pair (:func:`dpo_lib.training.reference.reference_pass`; None for SFT and
+    reference-free losses); ``latest_checkpoint``: called to name the last good checkpoint in a
+    :class:`NonFiniteStepError`."""
+    cfg: Config
+    accelerator: object
+    optimizer: object
+    scheduler: object
+    layout: object
+    reference: PairLogps | None = None
+    latest_checkpoint: object = None
+    trainable: list = field(init=False)
+
+    def __post_init__(self):
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: ``metrics`` is the step's line of ``metrics.jsonl`` without ``step``
+    and ``examples`` (the loss and the stage's metrics over every process, ``lr``, ``grad_norm``
+    (None for a step fp16's scaler skipped), ``skipped``, tokens per second, seconds, padding);
+    ``losses``: this process's per-example losses ``[n]``."""
+    metrics: dict
+    losses: torch.Tensor
+    skipped: bool
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+def preference_outputs(model, batch: dict, indices, layout, reference: PairLogps | None,
+                       cfg: Config) -> tuple[torch.Tensor, PreferenceRows]:
+    """Losses ``[B]`` (with the graph) and the logged :class:`PreferenceRows` of one batch of
+    pairs (``batch`` collated by ``layout``; ``indices``: its pairs' positions in ``reference``,
+    None for a reference-free loss): the policy's log-probs, the reference's, the loss."""
+    average, loss_type = average_logps(cfg), cfg.train.loss_type
+    policy = layout.logps(model, batch)
+    chosen, rejected = policy.logps(average)
+    ref_chosen = ref_rejected = None
+    if loss_type not in REFERENCE_FREE:
+        ref_chosen, ref_rejected = (t.to(chosen.device)
+                                    for t in reference_logps(reference, indices, average))
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta, loss_type,
+        cfg.train.label_smoothing, chosen_token_mean_logps=policy.logps(average=True)[0],
+        rpo_alpha=cfg.train.rpo_alpha, simpo_gamma=cfg.train.simpo_gamma)
+    return losses, PreferenceRows(losses.detach(), chosen_rewards, rejected_rewards,
+                                  chosen.detach(), rejected.detach())
+
+
+def micro_batch_loss(model, batch: dict, indices, state: TrainState, accumulation: int,
+                     step_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to back-propagate for one micro-batch, already scaled for the optimizer step, and
+    its rows to log (``[B, 2]`` NLL and token counts for SFT, ``[B, 5]`` :class:`PreferenceRows`).
+
+    SFT: the summed NLL over ``step_tokens``, the answer tokens of the whole step on every
+    process, times the processes (DDP averages gradients over them): the same gradient for any
+    split of the step into micro-batches and processes. Preference: the batch mean of the
+    per-pair losses over ``accumulation`` micro-batches."""
+    if state.cfg.train.stage == "sft":
+        nll, counts = state.layout.nll(model, batch)
+        world = state.accelerator.num_processes
+        return nll.sum() / step_tokens * world, torch.stack([nll.detach(), counts], dim=1)
+    losses, rows = preference_outputs(model, batch, indices, state.layout, state.reference,
+                                      state.cfg)
+    return losses.mean() / accumulation, rows.rows()
+
+
+def training_step(model, micro_batches: Sequence[tuple[list[int], dict]],
+                  state: TrainState) -> StepResult:
+    """One optimizer step of either stage over ``micro_batches``: ``(indices, batch)`` pairs, each
+    a batch collated by ``state.layout`` from the examples at ``indices`` (this process's share
+    of the step). See the module docstring for what happens in order."""
+    started = time.perf_counter()
+    accelerator, cfg, optimizer = state.accelerator, state.cfg, state.optimizer
+    device = next(p for p in state.trainable).device
+    sft = cfg.train.stage == "sft"
+    step_tokens = answer_tokens([b for _, b in micro_batches], accelerator) if sft else None
+    rows, tokens, positions = [], 0, 0
+    for number, (indices, batch) in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        batch_tokens, batch_positions = real_tokens(batch)
+        tokens, positions = tokens + batch_tokens, positions + batch_positions
+        last = number == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            loss, micro_rows = micro_batch_loss(model, batch, indices, state,
+                                                len(micro_batches), step_tokens)
+            stop_if_not_finite(loss, "loss", state, f"micro-batch {number}, examples {indices}")
+            accelerator.backward(loss)
+        rows.append(micro_rows)
+    grad_norm = accelerator.clip_grad_norm_(state.trainable, cfg.train.max_grad_norm)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:    # only fp16's GradScaler may meet overflowing gradients (and skip)
+        stop_if_not_finite(grad_norm, "gradient norm", state, "after backward, before clipping")
+    optimizer.step()
+    skipped = bool(accelerator.optimizer_step_was_skipped)
+    if not skipped:
+        state.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    local = torch.cat(rows).to(accelerator.device)
+    world = accelerator.num_processes
+    gathered = accelerator.gather(local).cpu() if world > 1 else local.cpu()
+    tokens_all = int(accelerator.gather(torch.tensor([tokens], device=accelerator.device)).sum()) \
+        if world > 1 else tokens
+    if sft:
+        metrics = {"loss": (gathered[:, 0].sum() / gathered[:, 1].sum()).item()}
+    else:
+        metrics = PreferenceRows.from_rows(gathered).metrics(average_logps(cfg))
+    seconds = time.perf_counter() - started
+    metrics.update({"lr": state.scheduler.get_last_lr()[0],
+                    "grad_norm": None if skipped else float(grad_norm), "skipped": skipped,
+                    "tokens_per_second": tokens_all / seconds, "step_seconds": seconds,
+                    "padding_fraction": 1 - tokens / max(positions, 1)})
+    return StepResult(metrics, local[:, 0].cpu(), skipped)
+
+
+def answer_tokens(batches, accelerator) -> int:
+    """Answer tokens (labels other than -100 after the shift) in one optimizer step's SFT
+    micro-batches, summed over every process."""
+    tokens = sum(int(answer_counts(batch["labels"][:, 1:]).sum()) for batch in batches)
+    if accelerator.num_processes > 1:
+        tokens = int(accelerator.reduce(torch.tensor([tokens], device=accelerator.device),
+                                        "sum").item())
+    return tokens
+
+
+def stop_if_not_finite(value: torch.Tensor, what: str, state: TrainState, where: str) -> None:
+    """Raise :class:`NonFiniteStepError` on every process when ``value`` (a loss or the gradient
+    norm) is NaN or inf on any.
+
+    With several processes they first agree (one all-reduce of a flag), so that none raises
+    while the others wait for it in a collective; all then raise the same error, naming each
+    process that saw a non-finite value and the last checkpoint (from finite steps only: nothing
+    is stepped or saved after a non-finite value)."""
+    accelerator = state.accelerator
+    value = torch.as_tensor(value).detach().float()
+    bad = not bool(torch.isfinite(value).all())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(bad)], device=accelerator.device)
+        if accelerator.reduce(flag, "sum").item() == 0:
+            return
+        from accelerate.utils import gather_object
+
+        seen = gather_object([(accelerator.process_index, value.sum().item(), where)])
+    elif not bad:
+        return
+    else:
+        seen = [(0, value.sum().item(), where)]
+    places = "; ".join(f"rank {rank}: {what} {number} ({place})"
+                       for rank, number, place in seen if not math.isfinite(number))
+    kept = state.latest_checkpoint() if state.latest_checkpoint else None
+    raise NonFiniteStepError(
+        f"non-finite {what} ({places}); every process stopped before the optimizer step. Last "
+        f"checkpoint (all from finite steps): {kept if kept else 'none yet'}. Lower the learning "
+        f"rate, check the data, or use fp32/bf16 instead of fp16.")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, examples, cfg: Config, accelerator,
+             reference: PairLogps | None = None) -> dict[str, float]:
+    """Held-out metrics, keys prefixed ``eval/``, in the run's pair layout. SFT stage: token-mean
+    NLL of the chosen answers and log-prob preference accuracy; preference stage: the loss and
+    reward metrics of the loss in use (``reference``: the held-out reference log-probs; None for a
+    reference-free loss)."""
+    layout = pair_layout(cfg)
+    if cfg.train.stage == "preference":
+        def rows_of(model, batch, indices):
+            return preference_outputs(model, batch, indices, layout, reference, cfg)[1].rows()
+        _, rows = pass_over_pairs(model, examples, layout, cfg.train.eval_batch_size, rows_of,
+                                  accelerator)
+        return PreferenceRows.from_rows(rows).metrics(average_logps(cfg), prefix="eval/")
+    _, rows = pass_over_pairs(model, examples, layout, cfg.train.eval_batch_size,
+                              lambda m, batch, _: layout.logps(m, batch).rows(), accelerator)
+    sums = PairLogps.from_rows(rows)
+    chosen, rejected = sums.logps(average=False)
+    return {"eval/loss": (-chosen.sum() / sums.chosen_counts.sum()).item(),
+            "eval/logps/chosen": chosen.mean().item(),
+            "eval/logps/rejected": rejected.mean().item(),
+            "eval/logps/accuracies": (chosen / sums.chosen_counts >
+                                      rejected / sums.rejected_counts).float().mean().item()}
