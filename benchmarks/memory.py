@@ -113,14 +113,14 @@ def trainer_step(cfg, examples, micro_batches, warm_up=None, measure=None):
     ``warm_up``: indices of one step taken first (its update included); ``measure(step, model)``
     runs the measured step (a memory probe). Returns ``(model, state, result)``."""
     from dpo_lib.training.step import training_step
-    from dpo_lib.training.train import collated, step_outside_a_run
+    from dpo_lib.training.train import step_outside_a_run
 
     model, _, state = step_outside_a_run(cfg, examples)
     if warm_up is not None:
-        training_step(model, collated(examples, [warm_up], state, model), state)
+        training_step(model, [warm_up], state)
 
     def step():
-        return training_step(model, collated(examples, micro_batches, state, model), state)
+        return training_step(model, micro_batches, state)
     if measure is None:
         return model, state, step()
     return model, state, measure(step, state.accelerator.unwrap_model(model))

@@ -352,9 +352,11 @@ def agreement(args) -> dict:
     from dpo_lib.core.batches import tokenize_pairs
     from dpo_lib.core.data import load_preference_pairs
     from dpo_lib.core.layouts import PackedLayout, PlainLayout
-    from dpo_lib.core.scoring import pad_id, to_device
+    from dpo_lib.core.layouts import to_device
+    from dpo_lib.core.scoring import pad_id
     from dpo_lib.core.losses import preference_loss
-    from dpo_lib.core.models import add_lora, load_model, load_tokenizer
+    from dpo_lib.core.models import load_model, load_tokenizer
+    from dpo_lib.core.lora import add_lora
 
     cfg = make_config(args, "preference")
     tokenizer = load_tokenizer(cfg)

@@ -7,7 +7,8 @@ from dpo_lib.core.config import load_config
 from dpo_lib.core.batches import tokenize_pairs
 from dpo_lib.core.data import load_split
 from dpo_lib.core.layouts import PackedLayout, PlainLayout
-from dpo_lib.core.models import add_lora, load_model, load_tokenizer
+from dpo_lib.core.models import load_model, load_tokenizer
+from dpo_lib.core.lora import add_lora
 
 
 def test_ches_matches_hand_values():

@@ -4,18 +4,100 @@ import torch
 
 from dpo_lib.core.config import PROFILES, load_config, resolve_profile
 
-REQUIRED = ["model.name", "model.quantization", "data.source", "data.max_length",
-            "data.max_prompt_length", "train.batch_size", "train.sft_steps",
-            "train.preference_steps"]
+def merged(base: dict, update: dict) -> dict:
+    """A plain recursive merge, written here again: the test's own account of inheritance."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def stated(name: str) -> dict:
+    """What a profile's YAML files state, following ``base:`` by hand."""
+    import yaml
+
+    from dpo_lib.core.config import CONFIG_DIR
+
+    data = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+    base = data.pop("base", None)
+    return merged(stated(base), data) if base else data
 
 
 @pytest.mark.parametrize("name", PROFILES)
-def test_every_profile_fixes_the_required_keys(name):
+def test_every_profile_resolves_to_its_files_over_the_schema_defaults(name):
+    """Each key: the value its YAML (or its base's) states, else the schema's default."""
+    from dpo_lib.core.schema import default_settings
+
     cfg = load_config(name)
-    assert cfg.profile == name
-    for key in REQUIRED:
-        assert cfg.get_path(key) is not None, key
-    assert 0 < cfg.data.max_prompt_length < cfg.data.max_length
+    assert cfg.to_dict() == merged(default_settings(), stated(name))
+    assert cfg.profile == name and 0 < cfg.data.max_prompt_length < cfg.data.max_length
+
+
+#: Every key whose values come from a fixed set, with that set, written out here.
+CHOICES = {
+    "model.quantization": ("none", "nf4", "fp4", "int8", "bf16", "fp16", "fp32"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.order": ("file", "shuffled"),
+    "data.pair_filter": ("ches", "random"),
+    "train.stage": ("sft", "preference"),
+    "train.loss_type": ("dpo", "cdpo", "ipo", "rpo", "simpo"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.wandb": ("disabled", "offline", "online"),
+}
+
+
+def test_the_schema_declares_exactly_these_choice_keys():
+    from dpo_lib.core.schema import choices, describe_keys
+
+    declared = {key: choices(key) for key, *_ in describe_keys() if choices(key)}
+    assert declared == CHOICES
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_value_outside_a_keys_set_is_refused_when_the_config_loads(key):
+    from dpo_lib.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides={key: CHOICES[key][0] + "x"})
+    message = str(info.value)
+    assert key in message and all(value in message for value in CHOICES[key]), message
+    for value in CHOICES[key]:                  # every allowed value loads
+        assert load_config("tiny", overrides={key: value}).get_path(key) == value
+
+
+def test_the_choices_are_the_ones_the_code_implements():
+    """The declared sets against the code that uses them: the loss functions, the data orders,
+    the quantizations, transformers' schedulers."""
+    from transformers import SchedulerType
+
+    from dpo_lib.core import data, losses, models
+
+    assert set(CHOICES["train.loss_type"]) == set(losses.LOSS_TYPES)
+    assert set(CHOICES["data.order"]) == set(data.ORDERS)
+    assert set(CHOICES["model.quantization"]) == set(models.QUANTIZATIONS)
+    assert set(CHOICES["train.lr_scheduler"]) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.beta": 0.0}, "beta must be positive"),
+    ({"train.label_smoothing": 0.1}, "only used by loss_type=cdpo"),
+    ({"train.loss_type": "cdpo", "train.label_smoothing": 0.5}, r"\[0, 0.5\)"),
+    ({"train.rpo_alpha": -1.0}, "rpo_alpha must be >= 0"),
+    ({"data.pair_filter_share": 1.0}, "pair_filter_share"),
+    ({"data.test_fraction": 0.0}, "test_fraction must be in"),
+    ({"data.dev_fraction": 0.2}, "dev_fraction=0.2 needs a test_fraction"),
+    ({"data.test_fraction": 0.6, "data.dev_fraction": 0.5}, "below 1"),
+    ({"data.max_prompt_length": 200}, "max_prompt_length"),
+    ({"train.batch_size": 0}, "batch_size"),
+    ({"train.resume": True, "train.overwrite": True}, "cannot both be true"),
+])
+def test_values_a_run_cannot_use_are_refused_when_the_config_loads(overrides, message):
+    from dpo_lib.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides=overrides)
 
 
 def test_environment_variable_picks_profile(monkeypatch):
@@ -41,7 +123,7 @@ def test_unknown_profile_lists_valid_ones(monkeypatch):
 
 
 def test_overrides_dotted_and_cli_style():
-    cfg = load_config("tiny", overrides={"data.max_length": 64})
+    cfg = load_config("tiny", overrides={"data.max_length": 64, "data.max_prompt_length": 48})
     assert cfg.data.max_length == 64
     cfg = load_config("tiny", overrides=["train.beta=0.5", "model.quantization=nf4",
                                          "data.data_dir=harmless-base"])
@@ -51,7 +133,9 @@ def test_overrides_dotted_and_cli_style():
 
 
 def test_unknown_override_key_suggests_the_right_one():
-    with pytest.raises(KeyError, match="data.max_length"):
+    from dpo_lib.core.errors import UnknownKeyError
+
+    with pytest.raises(UnknownKeyError, match="data.max_length"):
         load_config("tiny", overrides={"data.max_lenght": 64})
     with pytest.raises(ValueError, match="key=value"):
         load_config("tiny", overrides=["data.max_length"])

@@ -1,11 +1,9 @@
 """The hh-rlhf pipeline: splitting, its traps, accounting, sources, tokenization, batching."""
 import gzip
 import json
-import shutil
 import socket
 
 import pytest
-import torch
 
 from dpo_lib.core import data
 from dpo_lib.core import hub
@@ -182,6 +180,34 @@ def test_real_file_held_out_slice_is_disjoint_and_stable():
     smaller, _ = load_preference_pairs(str(REAL_HH), "train", limit=320, **kwargs)
     again, _ = load_preference_pairs(str(REAL_HH), "test", limit=300, **kwargs)
     assert again == test and not {p["prompt"] for p in smaller} & {p["prompt"] for p in test}
+
+
+def first_human_turn(prompt: str) -> str:
+    """The opening of a conversation, read here directly from the text (not through the
+    library's key): what the human said first."""
+    return " ".join(prompt.split(HUMAN, 2)[1].split(ASSISTANT)[0].split())
+
+
+@needs_real_hh
+def test_real_file_splits_by_conversation_so_no_held_out_pair_shares_an_opening():
+    """Branches of one red-teaming conversation continue it differently; held out by prompt, 28
+    of 351 held-out pairs opened with a human turn a training pair opens with. Split by the
+    conversation, no held-out (or dev) pair shares its opening with a training pair, and the
+    three slices cover every row once."""
+    kwargs = dict(test_fraction=0.15, dev_fraction=0.15, seed=0)
+    parts = {split: load_preference_pairs(str(REAL_HH), split, **kwargs)
+             for split in ("train", "dev", "test")}
+    openings = {split: {first_human_turn(p["prompt"]) for p in pairs}
+                for split, (pairs, _) in parts.items()}
+    assert not openings["test"] & openings["train"]
+    assert not openings["dev"] & openings["train"] and not openings["dev"] & openings["test"]
+    assert sum(report.rows_read for _, report in parts.values()) == 2312
+    assert all(len(pairs) > 250 for pairs, _ in parts.values())
+    # no held-out prompt continues a training prompt (one is the other's prefix)
+    train_prompts = [p["prompt"] for p in parts["train"][0]]
+    for pair in parts["test"][0][:120]:
+        assert not any(t.startswith(pair["prompt"]) or pair["prompt"].startswith(t)
+                       for t in train_prompts)
 
 
 # ---- sources, splits and sampling -----------------------------------------------------------

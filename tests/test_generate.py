@@ -1,6 +1,5 @@
 """Greedy generation over a batch of prompts, and the checker's scores."""
 import pytest
-import torch
 
 from dpo_lib.core.config import load_config
 from dpo_lib.core.data import load_preference_pairs

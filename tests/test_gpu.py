@@ -16,7 +16,7 @@ from dpo_lib.core.config import load_config
 from dpo_lib.lessons.memory import random_pair_examples
 from dpo_lib.core.models import architecture_config, compute_dtype, load_model
 from dpo_lib.training.step import make_accelerator, training_step
-from dpo_lib.training.train import collated, step_outside_a_run
+from dpo_lib.training.train import step_outside_a_run
 from dpo_lib.core.runs import read_metrics
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,6 +28,7 @@ def dpo_step(cfg, pairs: int, length: int) -> dict:
     with mixed precision, optimizer and schedule, the reference pass with adapters off), then
     dpo_lib.training.step.training_step on ``pairs`` random pairs of ``length`` tokens (half
     prompt, no padding: the worst case for memory)."""
+    cfg = cfg.with_overrides({"train.stage": "preference", "train.warmup_steps": 0})
     vocab = architecture_config(cfg.model.name.removeprefix("random:")).vocab_size
     examples = random_pair_examples(pairs, length, length // 2, vocab)
     model, _, state = step_outside_a_run(cfg, examples)
@@ -35,7 +36,7 @@ def dpo_step(cfg, pairs: int, length: int) -> dict:
     grads = []
     hooks = [p.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.clone()))
              for p in state.trainable]
-    result = training_step(model, collated(examples, [range(pairs)], state, model), state)
+    result = training_step(model, [range(pairs)], state)
     for hook in hooks:
         hook.remove()
     moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, state.trainable))
@@ -164,6 +165,9 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
     skip = read_metrics(train_lib.train(
         cfg.with_overrides({"train.output_dir": str(run)}), progress=False).output_dir)
     assert skip[0]["lr"] == pytest.approx(cfg.train.learning_rate)      # the schedule waited
+    assert skip[0]["skipped"] is True and skip[0]["grad_norm"] is None  # logged as skipped
+    assert not any(m["skipped"] for m in skip[1:])
+    assert "NaN" not in (run / "metrics.jsonl").read_text()
     assert [m["lr"] for m in skip[1:]] == pytest.approx([m["lr"] for m in plain[:3]])
     scale = torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"]
     assert scale == pytest.approx(2.0 ** 15)                            # 65536, halved once
@@ -175,8 +179,10 @@ def test_fp16_skipped_step_holds_the_scheduler_and_resume_restores_the_scaler(tm
         progress=False).output_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(skip, resumed):
+        assert a["skipped"] == b["skipped"] and (a["grad_norm"] is None) == (b["grad_norm"] is None)
         for key in ("loss", "lr", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+            if a[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
     assert torch.load(run / "checkpoint-4" / "scaler.pt", weights_only=False)["scale"] == \
         pytest.approx(2.0 ** 15)
 

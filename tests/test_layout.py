@@ -234,3 +234,58 @@ def test_export_and_chat_user_errors_are_one_line(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1, done.stderr
         assert lines[0].startswith(f"dpo-{module}: error: ") and message in lines[0], lines[0]
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    """The command-line tools' ending (dpo_lib.core.cli): a UserError (ConfigError,
+    DataError, ...) is one line and exit 1; any other exception, a ValueError included, is a bug
+    and propagates with its traceback."""
+    from dpo_lib.core.cli import command
+    from dpo_lib.core.errors import ConfigError, DataError, MissingFileError
+
+    for error in (ConfigError("bad value\nsecond line"), DataError("no pairs"),
+                  MissingFileError("no such run")):
+        def main(argv=None, error=error):
+            raise error
+        assert command("dpo-x")(main)([]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"dpo-x: error: {' '.join(str(error).split())}"]
+
+    def buggy(argv=None):
+        return {}["missing"] + int("x")
+    with pytest.raises(KeyError):
+        command("dpo-x")(buggy)([])
+    with pytest.raises(ValueError, match="invalid literal"):
+        command("dpo-x")(lambda argv=None: int("x"))([])
+
+
+def test_a_bug_in_a_tool_prints_its_traceback(tmp_path):
+    """End to end: a ValueError from inside the trainer (not a user's mistake) is not turned into
+    a one-line "error"; python shows the traceback and exits non-zero."""
+    code = ("import sys; from dpo_lib.training import train as t\n"
+            "from dpo_lib.core import layouts\n"
+            "def broken(self, examples, pad): raise ValueError('a bug, not a user error')\n"
+            "layouts.SequenceLayout.collate = broken\n"
+            f"sys.exit(t.main(['tiny', 'sft_steps=1', 'train_limit=8', 'test_limit=8', "
+            f"'eval_every=0', 'save_every=0', 'output_dir={tmp_path / 'run'}', '--no-progress']))")
+    env = {**os.environ, "DPO_PROGRESS": "0", "DPO_CACHE": str(tmp_path / "cache")}
+    env.pop("DPO_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "ValueError: a bug, not a user error" in done.stderr
+    assert "dpo-train: error:" not in done.stderr
+
+
+def test_a_pairs_path_from_the_file_to_the_loss_enters_each_module_once():
+    """benchmarks/pair_path.py follows one pair through the trainer's own functions, call by
+    call: it reads (data), is tokenized and batched (batches), meets its cached reference
+    (reference), is collated and run (layouts), scored (logps) and turned into a loss (losses),
+    each module entered once, in that order."""
+    env = {**os.environ, "DPO_PROGRESS": "0"}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "pair_path.py")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path, counts = done.stdout.strip().splitlines()[-2:]
+    assert path == "data -> batches -> reference -> layouts -> logps -> losses", path
+    assert counts.endswith("re-entries into a module already left: 0"), counts

@@ -10,7 +10,8 @@ from dpo_lib.core.batches import tokenize_pairs
 from dpo_lib.core.layouts import PackedLayout, PlainLayout
 from dpo_lib.core.data import load_preference_pairs
 from dpo_lib.core.logps import head_logps, response_logps, sequence_logps
-from dpo_lib.core.models import add_lora, load_model, load_tokenizer
+from dpo_lib.core.models import load_model, load_tokenizer
+from dpo_lib.core.lora import add_lora
 
 
 def _pair(prompt, chosen, rejected):

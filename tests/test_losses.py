@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dpo_lib.core import losses
 from dpo_lib.core.logps import sequence_logps

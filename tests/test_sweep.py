@@ -1,6 +1,8 @@
 """The sweep runner: run configs, skipping complete runs, collecting logs."""
 import pytest
 
+from dpo_lib.lessons import analysis
+
 from dpo_lib.training import sweep
 from dpo_lib.training import train as train_lib
 from dpo_lib.core.config import load_config
@@ -28,7 +30,7 @@ def test_sweep_runs_once_and_collects_logs(tmp_path, monkeypatch):
     b = load_config(str(folders["b"] / "config.yaml"))
     assert (b.seed, b.train.beta, b.train.loss_type, b.train.stage) == (1, 0.5, "ipo",
                                                                            "preference")
-    runs = sweep.load_sweep_runs(tmp_path / "out")
+    runs = analysis.load_sweep_runs(tmp_path / "out")
     assert set(runs) == {"a", "b"} and len(runs["a"][0]) == 2
 
     calls = []
@@ -46,4 +48,4 @@ def test_bad_sweep_file(tmp_path):
     with pytest.raises(ValueError, match="common"):
         sweep.load_sweep(file)
     with pytest.raises(FileNotFoundError):
-        sweep.load_sweep_runs(tmp_path)
+        analysis.load_sweep_runs(tmp_path)

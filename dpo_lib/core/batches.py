@@ -109,16 +109,8 @@ def sft_examples(examples: Sequence[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Collation and batching
+# The order of batches (how each batch is padded and run is a layout's: dpo_lib.core.layouts)
 # --------------------------------------------------------------------------------------------
-
-def pad_to(sequences: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
-    """Right-pad integer lists to ``length``: a LongTensor of shape ``[len(sequences), length]``."""
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        out[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-    return out
-
 
 def example_length(example: dict) -> int:
     """Tokens one example occupies in a batch (the longer side of a pair)."""

@@ -30,12 +30,20 @@ from typing import Sequence
 
 import torch
 
-from .batches import IGNORE_INDEX, pad_to
+from .batches import IGNORE_INDEX
 from .errors import ConfigError, DataError
-from .logps import PairLogps, answer_counts, final_hidden, model_states, states_logps
+from .logps import PairLogps, answer_counts, model_states, states_logps
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 SIDES = ("chosen", "rejected")
+
+
+def pad_to(sequences: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
+    """Right-pad integer lists to ``length``: a LongTensor of shape ``[len(sequences), length]``."""
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out
 
 
 class PairLayout:
@@ -280,6 +288,11 @@ def packed_token_fraction(examples: Sequence[dict]) -> float:
                  - len(e["prompt_input_ids"]) for e in examples)
     plain = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
     return packed / plain if plain else 1.0
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A collated batch with every tensor on ``device``."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:

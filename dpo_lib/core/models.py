@@ -219,9 +219,10 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
 
     4-bit models on CPU keep bitsandbytes' standard weight layout and fp32 dequantization (see
     :func:`keep_trainable_4bit_layout`). Random-weight models (``tiny-gpt-neox``,
-    ``random:<arch>``) are initialised from ``seed``
-    (default ``cfg.model.init_seed``, 0: the run's own ``seed`` changes data order, not the base
-    model) and, when quantized, saved once to a temporary folder so that
+    ``random:<arch>``) are initialised from ``seed`` (default ``cfg.model.init_seed``) with a
+    forked random generator, so the global one, which the run's ``seed`` drives (LoRA's
+    initialisation, dropout), is left as it was; when quantized they are saved once to a
+    temporary folder so that
     bitsandbytes quantizes them on load exactly as it would a downloaded checkpoint.
 
     On GPUs each process loads onto its own device (:func:`process_device_map`). A model that
@@ -248,8 +249,11 @@ def load_model(cfg: Config, quantization: str | None = None, trust_remote_code: 
     device_map = process_device_map()
     if name == "tiny-gpt-neox" or name.startswith("random:"):
         arch = "tiny-gpt-neox" if name == "tiny-gpt-neox" else name.split(":", 1)[1]
-        torch.manual_seed(cfg.model.init_seed if seed is None else seed)
-        model = AutoModelForCausalLM.from_config(architecture_config(arch), dtype=weight_dtype)
+        # the weights from their own seed, in a forked RNG: the global RNG, which the run's seed
+        # set, stays as it was for LoRA's initialisation and dropout
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(cfg.model.init_seed if seed is None else seed)
+            model = AutoModelForCausalLM.from_config(architecture_config(arch), dtype=weight_dtype)
         if bnb is None:
             return model
         import tempfile
@@ -320,146 +324,7 @@ def remote_code_message(name: str) -> str:
 
 def _standard_layout(model):
     if getattr(model, "is_loaded_in_4bit", False) and model.device.type == "cpu":
+        from .lora import keep_trainable_4bit_layout
+
         keep_trainable_4bit_layout(model)
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# LoRA, gradient checkpointing, and the reference pass
-# --------------------------------------------------------------------------------------------
-
-def is_quantized(model) -> bool:
-    """Whether bitsandbytes loaded the model in 4 or 8 bits."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or
-                getattr(model, "is_loaded_in_8bit", False))
-
-
-def keep_trainable_4bit_layout(model) -> int:
-    """Keep bitsandbytes' 4-bit weights in the standard (trainable) layout; returns how many layers.
-
-    On CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit`` rewrites its packed weight into an
-    inference-only layout on the first forward in eval mode without grad (a reference or
-    evaluation pass), rounding the fp32 absmax scales to bf16 and computing in bf16. Training
-    forwards afterwards fail, and dequantized weights differ from the stored ones.
-    :func:`load_model` calls this on every 4-bit model on CPU, so the rewrite never happens; on a
-    model where it already did, this undoes the layout but cannot restore the rounded scales
-    (it warns: reload the model). No effect on CUDA.
-    """
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-        state = getattr(layer.weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            import warnings
-
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            warnings.warn("bitsandbytes had repacked this 4-bit layer for CPU inference and "
-                          "rounded its scales to bf16; undone, but the scales stay rounded. "
-                          "Reload the model for the exact weights.", stacklevel=2)
-
-            layer.weight.data, layer.weight.quant_state = \
-                _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
-    return len(layers)
-
-
-def set_gradient_checkpointing(model, enabled: bool) -> None:
-    """Switch activation checkpointing on or off (recompute each layer in the backward pass).
-
-    Uses non-reentrant checkpointing, which needs no input that requires grad, so it also works
-    when the base model is frozen and only LoRA adapters train.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
-    enable = getattr(base, "activation_checkpointing_enable", None)
-    if enabled:
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
-    elif is_checkpointing(base):
-        (getattr(base, "activation_checkpointing_disable", None)
-         or base.gradient_checkpointing_disable)()
-
-
-def is_checkpointing(model) -> bool:
-    """Whether activation (gradient) checkpointing is on."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    flag = getattr(base, "is_activation_checkpointing", None)
-    return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
-
-
-def add_lora(model, cfg: Config | None = None, r: int | None = None, alpha: int | None = None,
-             dropout: float | None = None, gradient_checkpointing: bool | None = None):
-    """Wrap ``model`` in a peft ``PeftModel`` with a trainable LoRA adapter on every linear layer
-    of the transformer blocks; the output head (``lm_head`` / ``embed_out``) stays frozen.
-
-    ``r``, ``alpha``, ``dropout`` and ``gradient_checkpointing`` default to ``cfg.model``'s
-    ``lora_r``, ``lora_alpha``, ``lora_dropout`` and ``gradient_checkpointing`` (8, 16, 0.0,
-    False without a cfg). ``cfg.model.lora_target_modules``: module names to adapt (e.g.
-    internlm2's fused ``wqkv``, ``wo``, ``w1``, ``w2``, ``w3``); null means every linear layer. A 4/8-bit model first goes through peft's
-    ``prepare_model_for_kbit_training`` (every base weight frozen; norms, embeddings and head cast
-    to fp32), and its 4-bit layers keep their trainable layout (see
-    :func:`keep_trainable_4bit_layout`). The adapter's ``B`` starts at zero, so the wrapped model computes exactly what the
-    base model does until the first optimizer step.
-    """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    settings = cfg.model if cfg is not None else {}
-    r = settings.get("lora_r", 8) if r is None else r
-    alpha = settings.get("lora_alpha", 16) if alpha is None else alpha
-    dropout = settings.get("lora_dropout", 0.0) if dropout is None else dropout
-    if gradient_checkpointing is None:
-        gradient_checkpointing = bool(settings.get("gradient_checkpointing", False))
-    if hasattr(model, "peft_config"):
-        raise ValueError("add_lora: the model already has a LoRA adapter")
-    if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {r}")
-    if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_trainable_4bit_layout(model)
-    else:
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-    set_gradient_checkpointing(model, gradient_checkpointing)
-    targets = settings.get("lora_target_modules") or "all-linear"
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=targets if isinstance(targets, str) else list(targets),
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def load_trainable_adapter(base, cfg: Config, adapter: Path):
-    """``base`` with a saved LoRA adapter (an SFT run's), trainable: prepared as
-    :func:`add_lora` prepares a fresh one (4-bit layouts, frozen base, gradient checkpointing)."""
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    if is_quantized(base):
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        keep_trainable_4bit_layout(base)
-    set_gradient_checkpointing(base, cfg.model.gradient_checkpointing)
-    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
-
-
-@contextmanager
-def reference_mode(model):
-    """The reference pass of DPO on the same weights: LoRA adapters disabled, dropout off, no grad.
-
-    Inside ``with reference_mode(model):`` the peft model computes the frozen base model's
-    outputs, so one copy of the (quantized) weights serves as both policy and reference. The
-    training mode is restored on exit.
-    """
-    if not hasattr(model, "disable_adapter"):
-        raise TypeError("reference_mode needs a peft model with a LoRA adapter (see add_lora); "
-                        "a plain model is its own reference")
-    was_training = model.training
-    model.eval()
-    try:
-        with model.disable_adapter(), torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)

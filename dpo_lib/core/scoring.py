@@ -12,11 +12,8 @@ from contextlib import nullcontext
 import torch
 
 from .batches import example_length
+from .layouts import to_device
 from .logps import PairLogps
-
-
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def pad_id(model) -> int:
@@ -41,7 +38,7 @@ def pass_over_pairs(model, examples, layout, batch_size: int, rows_of, accelerat
 
     ``rows_of(model, batch, indices)`` returns a ``[B, K]`` tensor for one collated batch (on the
     model's device: the batches go where the model's weights are). With an ``accelerator`` the
-    pass runs under its autocast, as training does; ``context`` (e.g. :func:`dpo_lib.core.models.reference_mode`) is entered
+    pass runs under its autocast, as training does; ``context`` (e.g. :func:`dpo_lib.core.lora.reference_mode`) is entered
     around the pass. Returns ``(indices, rows)``: the example index of each row and the ``[N, K]``
     rows of all processes, in the order the pass made them. The model is in eval mode during the
     pass and back in its previous mode after it.

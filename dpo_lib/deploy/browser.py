@@ -70,7 +70,9 @@ def ask_in_browser(url: str, question: str, screenshot: str | os.PathLike,
 
     found = chromium()
     if found is None:
-        raise FileNotFoundError("needs Debian's chromium and chromium-driver "
+        from ..core.errors import MissingPackageError
+
+        raise MissingPackageError("needs Debian's chromium and chromium-driver "
                                 "(apt install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from ..core.cli import command
 from ..core.data import HUMAN
+from ..core.errors import MissingFileError
 
 #: Besides EOS, an answer ends where the model starts the next human turn.
 STOP = [HUMAN]
@@ -26,7 +27,7 @@ def load_chat_model(path, n_ctx: int = 1024):
     from .gguf_check import open_gguf
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no GGUF file at {path}")
+        raise MissingFileError(f"no GGUF file at {path}")
     meta = gguf_metadata(path)
     trained = meta.get(f"{meta.get('general.architecture')}.context_length", n_ctx)
     return open_gguf(path, n_ctx=min(n_ctx, trained), logits_all=False)

@@ -33,10 +33,12 @@ import torch
 
 from ..core.cli import command
 from ..core.config import Config
+from ..core.errors import ConfigError
 from .llama_runtime import (ConverterVersionError, ExportError, UnsupportedArchitectureError,
                             captured_llama_log, converter_dir, cpu_threads, fetch_converter,
                             gguf_metadata, runtime_version)
-from ..core.models import cache_dir, is_quantized, load_model, load_tokenizer, uses_tiny_tokenizer
+from ..core.models import cache_dir, load_model, load_tokenizer, uses_tiny_tokenizer
+from ..core.lora import is_quantized
 from ..core.runs import load_run_config, reference_run, run_adapter
 
 #: GGUF file types this module makes: ``f16`` and ``f32`` by the converter, the rest by
@@ -90,7 +92,7 @@ def base_weights(cfg: Config, target: str = "quantized"):
     ``"original"``: the full-precision weights before quantization (to show the difference).
     """
     if target not in ("quantized", "original"):
-        raise ValueError(f"merge target {target!r}: 'quantized' or 'original'")
+        raise ConfigError(f"merge target {target!r}: 'quantized' or 'original'")
     model = load_model(on_this_machine(cfg), quantization=None if target == "quantized" else "fp32")
     if is_quantized(model):
         _assert_standard_4bit_layout(model)
@@ -110,7 +112,7 @@ def merge_adapter(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from peft import PeftModel
 
     if chat_template not in ("training", "model"):
-        raise ValueError(f"chat_template {chat_template!r}: 'training' or 'model'")
+        raise ConfigError(f"chat_template {chat_template!r}: 'training' or 'model'")
     cfg = load_run_config(run_dir)
     adapter = run_adapter(run_dir)
     model = PeftModel.from_pretrained(base_weights(cfg, target), adapter).merge_and_unload()
@@ -216,7 +218,7 @@ def quantize_gguf(source: str | os.PathLike, dest: str | os.PathLike, qtype: str
     qtype = qtype.lower()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if qtype not in GGUF_TYPES or ftype is None:
-        raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
+        raise ConfigError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = cpu_threads()
@@ -250,7 +252,7 @@ def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
               if q.strip()]
     for qtype in quants:
         if qtype not in GGUF_TYPES:
-            raise ValueError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
+            raise ConfigError(f"unknown GGUF type {qtype!r}; choose from {', '.join(GGUF_TYPES)}")
     cfg = load_run_config(run_dir)
     run_adapter(run_dir)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "export"

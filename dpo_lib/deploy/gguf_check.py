@@ -28,6 +28,7 @@ import torch
 from .llama_runtime import cpu_threads
 from ..core.logps import next_token_log_probs
 from ..core.machine import peak_rss_mb
+from ..core.errors import MissingFileError
 
 
 def open_gguf(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True):
@@ -36,7 +37,7 @@ def open_gguf(path: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True
     from llama_cpp import Llama
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no GGUF file at {path}")
+        raise MissingFileError(f"no GGUF file at {path}")
     return Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=cpu_threads(),
                  n_batch=min(n_ctx, 512), verbose=False)
 

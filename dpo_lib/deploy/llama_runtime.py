@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..core.models import cache_dir
+from ..core.errors import MissingPackageError, UserError
 
 CONVERTER_ENV = "DPO_LLAMA_CPP_CONVERTER"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
@@ -29,7 +30,7 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A step of the export failed; the message says which and what to do."""
 
 
@@ -50,7 +51,7 @@ def runtime_version() -> str:
     try:
         import llama_cpp
     except ImportError as error:
-        raise ImportError(
+        raise MissingPackageError(
             "GGUF export and chat need llama-cpp-python: pip install 'dpo-quant[deploy]' (or "
             "`make setup`); it builds from source, about 6 minutes on 2 cores.") from error
     return llama_cpp.__version__

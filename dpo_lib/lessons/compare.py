@@ -31,6 +31,7 @@ import torch
 
 from ..core.cli import command
 from ..core.config import RUNS_DIR, Config, load_config
+from ..core.errors import ConfigError
 from ..training.sweep import RUN_FILES
 
 
@@ -148,7 +149,7 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
     from .generate import generate_answers
 
     if "SFT" not in runs:
-        raise ValueError("compare_runs needs the SFT run under the name 'SFT' (the reference)")
+        raise ConfigError("compare_runs needs the SFT run under the name 'SFT' (the reference)")
     started = time.perf_counter()
     model, tokenizer, use = load_models(cfg, runs)
     pairs, report = load_split(cfg, "test", n_pairs)

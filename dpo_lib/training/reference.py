@@ -17,7 +17,8 @@ import torch
 
 from ..core.config import Config, mixed_precision
 from ..core.logps import PairLogps
-from ..core.models import cache_dir, compute_dtype, reference_mode
+from ..core.models import cache_dir, compute_dtype
+from ..core.lora import reference_mode
 from ..core.scoring import score_pairs
 
 
@@ -130,6 +131,7 @@ def save_atomically(obj, path: Path) -> None:
         raise
 
 
-def reference_logps(reference: PairLogps, indices, average: bool):
-    """Chosen and rejected reference log-probs ``[B]`` for ``indices``: sums or token means."""
-    return PairLogps(*(values[indices] for values in reference)).logps(average)
+def reference_rows(reference: PairLogps, indices) -> PairLogps:
+    """The reference's summed log-probs and counts ``[B]`` of the pairs at ``indices`` (a batch's
+    positions in the reference table); ``.logps(average)`` gives sums or token means."""
+    return PairLogps(*(values[indices] for values in reference))

@@ -4,13 +4,16 @@ the memory benchmark, the GPU tests and notebook 06 all take.
 ::
 
     accelerator = make_accelerator(cfg)
-    model, optimizer, scheduler = prepare_training(cfg, model, accelerator, total_steps)
-    state = TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg), reference)
-    result = training_step(model, micro_batches, state)     # -> StepResult
+    model, optimizer, scheduler = prepare_training(cfg, model, accelerator)
+    state = TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg), examples,
+                       pad_id(model), reference)
+    result = training_step(model, [[0, 5, 3, 9], [2, 7, 1, 4]], state)     # -> StepResult
 
-:func:`training_step` runs each micro-batch forward (:func:`micro_batch_loss`: the SFT stage's
-token-mean NLL, or a preference loss against the cached reference log-probs), backward (gradients
-synchronised across processes on the last micro-batch only), then checks that the loss and the
+:func:`training_step` takes each micro-batch (indices into ``state.examples``): the reference's
+rows of those pairs, the batch collated in the run's layout, the forward pass and the loss
+(:func:`micro_batch_loss`: the SFT stage's token-mean NLL, or a preference loss against the
+cached reference log-probs), backward (gradients synchronised across processes on the last
+micro-batch only), then checks that the loss and the
 gradient norm are finite on every process before anything changes, clips, and steps the optimizer
 and the learning-rate schedule. A non-finite step raises :class:`NonFiniteStepError` before the
 optimizer step, so no weight and no checkpoint ever comes from it; only fp16's GradScaler may skip
@@ -22,19 +25,19 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 
 from ..core.config import Config, mixed_precision, require_device
 from ..core.errors import DeviceError
-from ..core.layouts import pair_layout, real_tokens
-from ..core.logps import PairLogps, answer_counts
-from ..core.losses import (REFERENCE_FREE, average_logps, preference_loss,
+from ..core.layouts import pair_layout, real_tokens, to_device
+from ..core.batches import IGNORE_INDEX
+from ..core.logps import PairLogps
+from ..core.losses import (average_logps, preference_loss,
                            preference_metrics)
-from ..core.scoring import pass_over_pairs, to_device
-from .reference import reference_logps
+from ..core.scoring import pass_over_pairs
+from .reference import reference_rows
 
 
 class NonFiniteStepError(FloatingPointError):
@@ -135,27 +138,35 @@ def prepare_training(cfg: Config, model, accelerator):
 class TrainState:
     """Everything :func:`training_step` needs besides the model and the batches.
 
-    ``layout``: :func:`dpo_lib.core.layouts.layout_for`; ``reference``: the reference log-probs of
-    every training pair (:func:`dpo_lib.training.reference.reference_pass`; None for SFT and
-    reference-free losses); ``latest_checkpoint``: called to name the last good checkpoint in a
-    :class:`NonFiniteStepError`."""
+    ``layout``: :func:`dpo_lib.core.layouts.layout_for`; ``examples``: the tokenized training
+    examples (pairs, or SFT sequences) that micro-batches index; ``pad_token_id``: the model's;
+    ``reference``: the reference log-probs of every training pair, aligned with ``examples``
+    (:func:`dpo_lib.training.reference.reference_pass`; None for SFT and reference-free losses);
+    ``latest_checkpoint``: called to name the last good checkpoint in a
+    :class:`NonFiniteStepError`; ``step``: the optimizer steps taken so far."""
     cfg: Config
     accelerator: object
     optimizer: object
     scheduler: object
     layout: object
+    examples: list
+    pad_token_id: int = 0
     reference: PairLogps | None = None
     latest_checkpoint: object = None
+    step: int = 0                   # optimizer steps taken (a resumed run starts at its checkpoint's)
     trainable: list = field(init=False)
+    average: bool = field(init=False)
 
     def __post_init__(self):
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.average = average_logps(self.cfg)     # token means or sums, as the loss uses them
 
 
 @dataclass
 class StepResult:
     """One optimizer step: ``metrics`` is the step's line of ``metrics.jsonl`` without ``step``
-    and ``examples`` (the loss and the stage's metrics over every process, ``lr``, ``grad_norm``
+    and ``examples`` (the loss and the stage's metrics over every process, ``lr`` (the learning
+    rate this step used), ``grad_norm`` (before clipping)
     (None for a step fp16's scaler skipped), ``skipped``, tokens per second, seconds, padding);
     ``losses``: this process's per-example losses ``[n]``."""
     metrics: dict
@@ -167,18 +178,19 @@ class StepResult:
 # The step
 # --------------------------------------------------------------------------------------------
 
-def preference_outputs(model, batch: dict, indices, layout, reference: PairLogps | None,
-                       cfg: Config) -> tuple[torch.Tensor, PreferenceRows]:
+def preference_outputs(model, batch: dict, ref: PairLogps | None, layout, cfg: Config,
+                       average: bool) -> tuple[torch.Tensor, PreferenceRows]:
     """Losses ``[B]`` (with the graph) and the logged :class:`PreferenceRows` of one batch of
-    pairs (``batch`` collated by ``layout``; ``indices``: its pairs' positions in ``reference``,
-    None for a reference-free loss): the policy's log-probs, the reference's, the loss."""
-    average, loss_type = average_logps(cfg), cfg.train.loss_type
-    policy = layout.logps(model, batch)
+    pairs: ``batch`` collated by ``layout``, ``ref`` the reference's ``[B]`` rows of the same
+    pairs (:func:`dpo_lib.training.reference.reference_rows`; None for a reference-free loss).
+    ``average``: the aggregation the loss uses, token means or sums
+    (:func:`dpo_lib.core.losses.average_logps`). The policy's log-probs, aggregated, the loss."""
+    loss_type = cfg.train.loss_type
+    policy = layout.logps(model, batch)                   # [B] sums and counts, with the graph
     chosen, rejected = policy.logps(average)
     ref_chosen = ref_rejected = None
-    if loss_type not in REFERENCE_FREE:
-        ref_chosen, ref_rejected = (t.to(chosen.device)
-                                    for t in reference_logps(reference, indices, average))
+    if ref is not None:
+        ref_chosen, ref_rejected = (t.to(chosen.device) for t in ref.logps(average))
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen, rejected, ref_chosen, ref_rejected, cfg.train.beta, loss_type,
         cfg.train.label_smoothing, chosen_token_mean_logps=policy.logps(average=True)[0],
@@ -187,7 +199,8 @@ def preference_outputs(model, batch: dict, indices, layout, reference: PairLogps
                                   chosen.detach(), rejected.detach())
 
 
-def micro_batch_loss(model, batch: dict, indices, state: TrainState, accumulation: int,
+def micro_batch_loss(model, batch: dict, ref: PairLogps | None, state: TrainState,
+                     accumulation: int,
                      step_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss to back-propagate for one micro-batch, already scaled for the optimizer step, and
     its rows to log (``[B, 2]`` NLL and token counts for SFT, ``[B, 5]`` :class:`PreferenceRows`).
@@ -195,35 +208,37 @@ def micro_batch_loss(model, batch: dict, indices, state: TrainState, accumulatio
     SFT: the summed NLL over ``step_tokens``, the answer tokens of the whole step on every
     process, times the processes (DDP averages gradients over them): the same gradient for any
     split of the step into micro-batches and processes. Preference: the batch mean of the
-    per-pair losses over ``accumulation`` micro-batches."""
+    per-pair losses over ``accumulation`` micro-batches, against ``ref``, the reference's rows."""
     if state.cfg.train.stage == "sft":
         nll, counts = state.layout.nll(model, batch)
         world = state.accelerator.num_processes
         return nll.sum() / step_tokens * world, torch.stack([nll.detach(), counts], dim=1)
-    losses, rows = preference_outputs(model, batch, indices, state.layout, state.reference,
-                                      state.cfg)
+    losses, rows = preference_outputs(model, batch, ref, state.layout, state.cfg, state.average)
     return losses.mean() / accumulation, rows.rows()
 
 
-def training_step(model, micro_batches: Sequence[tuple[list[int], dict]],
-                  state: TrainState) -> StepResult:
-    """One optimizer step of either stage over ``micro_batches``: ``(indices, batch)`` pairs, each
-    a batch collated by ``state.layout`` from the examples at ``indices`` (this process's share
-    of the step). See the module docstring for what happens in order."""
+def training_step(model, micro_batches: Sequence[Sequence[int]], state: TrainState) -> StepResult:
+    """One optimizer step of either stage over ``micro_batches``: lists of indices into
+    ``state.examples`` (this process's share of the step). See the module docstring for what
+    happens in order."""
     started = time.perf_counter()
+    state.step += 1
     accelerator, cfg, optimizer = state.accelerator, state.cfg, state.optimizer
     device = next(p for p in state.trainable).device
     sft = cfg.train.stage == "sft"
-    step_tokens = answer_tokens([b for _, b in micro_batches], accelerator) if sft else None
+    step_tokens = answer_tokens(state.examples, micro_batches, accelerator) if sft else None
     rows, tokens, positions = [], 0, 0
-    for number, (indices, batch) in enumerate(micro_batches):
-        batch = to_device(batch, device)
+    for number, indices in enumerate(micro_batches):
+        indices = list(indices)
+        ref = None if sft or state.reference is None else reference_rows(state.reference, indices)
+        batch = to_device(state.layout.collate([state.examples[i] for i in indices],
+                                               state.pad_token_id), device)
         batch_tokens, batch_positions = real_tokens(batch)
         tokens, positions = tokens + batch_tokens, positions + batch_positions
         last = number == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss, micro_rows = micro_batch_loss(model, batch, indices, state,
-                                                len(micro_batches), step_tokens)
+            loss, micro_rows = micro_batch_loss(model, batch, ref, state, len(micro_batches),
+                                                step_tokens)
             stop_if_not_finite(loss, "loss", state, f"micro-batch {number}, examples {indices}")
             accelerator.backward(loss)
         rows.append(micro_rows)
@@ -231,6 +246,7 @@ def training_step(model, micro_batches: Sequence[tuple[list[int], dict]],
     scaler = getattr(accelerator, "scaler", None)
     if scaler is None:    # only fp16's GradScaler may meet overflowing gradients (and skip)
         stop_if_not_finite(grad_norm, "gradient norm", state, "after backward, before clipping")
+    lr = optimizer.param_groups[0]["lr"]           # the rate this step uses (logged as "lr")
     optimizer.step()
     skipped = bool(accelerator.optimizer_step_was_skipped)
     if not skipped:
@@ -245,19 +261,20 @@ def training_step(model, micro_batches: Sequence[tuple[list[int], dict]],
     if sft:
         metrics = {"loss": (gathered[:, 0].sum() / gathered[:, 1].sum()).item()}
     else:
-        metrics = PreferenceRows.from_rows(gathered).metrics(average_logps(cfg))
+        metrics = PreferenceRows.from_rows(gathered).metrics(state.average)
     seconds = time.perf_counter() - started
-    metrics.update({"lr": state.scheduler.get_last_lr()[0],
+    metrics.update({"lr": lr,
                     "grad_norm": None if skipped else float(grad_norm), "skipped": skipped,
                     "tokens_per_second": tokens_all / seconds, "step_seconds": seconds,
                     "padding_fraction": 1 - tokens / max(positions, 1)})
     return StepResult(metrics, local[:, 0].cpu(), skipped)
 
 
-def answer_tokens(batches, accelerator) -> int:
-    """Answer tokens (labels other than -100 after the shift) in one optimizer step's SFT
-    micro-batches, summed over every process."""
-    tokens = sum(int(answer_counts(batch["labels"][:, 1:]).sum()) for batch in batches)
+def answer_tokens(examples, micro_batches, accelerator) -> int:
+    """Answer tokens (labels other than -100, after the shift: the tokens the loss scores) of one
+    optimizer step's SFT micro-batches, counted in the examples, summed over every process."""
+    tokens = sum(sum(label != IGNORE_INDEX for label in examples[i]["labels"][1:])
+                 for indices in micro_batches for i in indices)
     if accelerator.num_processes > 1:
         tokens = int(accelerator.reduce(torch.tensor([tokens], device=accelerator.device),
                                         "sum").item())
@@ -290,7 +307,8 @@ def stop_if_not_finite(value: torch.Tensor, what: str, state: TrainState, where:
                        for rank, number, place in seen if not math.isfinite(number))
     kept = state.latest_checkpoint() if state.latest_checkpoint else None
     raise NonFiniteStepError(
-        f"non-finite {what} ({places}); every process stopped before the optimizer step. Last "
+        f"non-finite {what} at step {state.step} ({places}); every process stopped before the "
+        f"optimizer step. Last "
         f"checkpoint (all from finite steps): {kept if kept else 'none yet'}. Lower the learning "
         f"rate, check the data, or use fp32/bf16 instead of fp16.")
 
@@ -306,13 +324,14 @@ def evaluate(model, examples, cfg: Config, accelerator,
     NLL of the chosen answers and log-prob preference accuracy; preference stage: the loss and
     reward metrics of the loss in use (``reference``: the held-out reference log-probs; None for a
     reference-free loss)."""
-    layout = pair_layout(cfg)
+    layout, average = pair_layout(cfg), average_logps(cfg)
     if cfg.train.stage == "preference":
         def rows_of(model, batch, indices):
-            return preference_outputs(model, batch, indices, layout, reference, cfg)[1].rows()
+            ref = None if reference is None else reference_rows(reference, indices)
+            return preference_outputs(model, batch, ref, layout, cfg, average)[1].rows()
         _, rows = pass_over_pairs(model, examples, layout, cfg.train.eval_batch_size, rows_of,
                                   accelerator)
-        return PreferenceRows.from_rows(rows).metrics(average_logps(cfg), prefix="eval/")
+        return PreferenceRows.from_rows(rows).metrics(average, prefix="eval/")
     _, rows = pass_over_pairs(model, examples, layout, cfg.train.eval_batch_size,
                               lambda m, batch, _: layout.logps(m, batch).rows(), accelerator)
     sums = PairLogps.from_rows(rows)

@@ -56,9 +56,10 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     reference, eval_reference = reference_passes(model, train_examples, eval_examples, cfg,
                                                  reference_adapter, run.path, accelerator,
                                                  progress)
-    state = TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg), reference,
-                       lambda: latest_checkpoint(run.path, run.run_id))
     start = load_checkpoint(run.resume_from, model, accelerator) if run.resume_from else 0
+    state = TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg), train_examples,
+                       pad_id(model), reference, lambda: latest_checkpoint(run.path, run.run_id),
+                       step=start)
     log = MetricsLog(run.path / "metrics.jsonl", accelerator, cfg, start if start else None)
     plan = BatchPlan(train_examples, cfg, accelerator)
     steps = total_steps(cfg)
@@ -69,7 +70,7 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     bar = tqdm(total=steps, initial=start, desc=run_name(cfg),
                disable=not progress or not accelerator.is_local_main_process)
     for step in range(start + 1, steps + 1):
-        result = training_step(model, plan.micro_batches(step, state.layout, pad_id(model)), state)
+        result = training_step(model, plan.micro_batches(step), state)
         record = {"step": step, "examples": step * plan.examples_per_step, **result.metrics}
         log.write(record)
         bar.update(1)
@@ -114,7 +115,8 @@ def prepare_model(cfg: Config):
     is then the SFT model); without one, the adapter starts at zero and the reference is the base
     model with adapters disabled.
     """
-    from ..core.models import add_lora, load_model, load_tokenizer, load_trainable_adapter
+    from ..core.models import load_model, load_tokenizer
+    from ..core.lora import add_lora, load_trainable_adapter
 
     tokenizer = load_tokenizer(cfg)
     base = load_model(cfg)
@@ -204,8 +206,7 @@ def step_outside_a_run(cfg: Config, examples, progress: bool = False):
     benchmark, the GPU tests, notebook 06): the seed, the model with LoRA
     (:func:`prepare_model`), the prepared model, optimizer and schedule, and the reference pass
     over ``examples`` (cached nowhere). Returns ``(model, tokenizer, state)``; then
-    ``training_step(model, [(indices, state.layout.collate(...))], state)`` is the trainer's
-    step."""
+    ``training_step(model, [indices, ...], state)`` is the trainer's step on ``examples``."""
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
     model, tokenizer, reference_adapter = prepare_model(cfg)
@@ -217,15 +218,7 @@ def step_outside_a_run(cfg: Config, examples, progress: bool = False):
                                    progress=progress)
     model.train()
     return model, tokenizer, TrainState(cfg, accelerator, optimizer, scheduler, layout_for(cfg),
-                                        reference)
-
-
-def collated(examples, index_lists, state: TrainState, model) -> list[tuple[list[int], dict]]:
-    """Micro-batches for :func:`dpo_lib.training.step.training_step`: ``(indices, batch)``, each
-    batch collated in the state's layout from ``examples[indices]``."""
-    pad = pad_id(model)
-    return [(list(indices), state.layout.collate([examples[i] for i in indices], pad))
-            for indices in index_lists]
+                                        list(examples), pad_id(model), reference)
 
 
 class BatchPlan:
@@ -252,13 +245,11 @@ class BatchPlan:
                                                 seed=self.cfg.seed * 1000 + epoch))
         return self._epoch[1][position]
 
-    def micro_batches(self, step: int, layout, pad_token_id: int) -> list[tuple[list[int], dict]]:
-        """This process's ``(indices, collated batch)`` of optimizer step ``step`` (from 1)."""
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (example indices) of optimizer step ``step`` (from 1)."""
         per_step = self.accumulation * self.world
-        numbers = [(step - 1) * per_step + micro * self.world + self.rank
-                   for micro in range(self.accumulation)]
-        return [(indices, layout.collate([self.examples[i] for i in indices], pad_token_id))
-                for indices in (self.indices(number) for number in numbers)]
+        return [self.indices((step - 1) * per_step + micro * self.world + self.rank)
+                for micro in range(self.accumulation)]
 
 
 def finish_run(run: RunFolder, model, tokenizer, accelerator, started: float, steps: int,
