@@ -8,9 +8,8 @@
 Every variant runs in its own process (fresh memory peak) on the same pairs, model, lengths,
 batch, LoRA settings, quantization and precision, in the order ``--variants`` names them:
 
-* ``agreement`` (run once, before the others, for the preference stage): on one batch, our
-  log-probs (plain, shared-prompt packed, packed with the chunked output layer) and DPO loss
-  against TRL's;
+* ``agreement`` (with the preference stage only): on one batch, our log-probs (plain,
+  shared-prompt packed, packed with the chunked output layer) and DPO loss against TRL's;
 * ``ours``: :func:`dpo_lib.training.train.train` at its defaults: the reference log-probs precomputed (as
   always), batches grouped by length;
 * ``ours-shared``: the same with the shared-prompt packed forward (``train.shared_prompt``);
@@ -475,8 +474,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="sft,preference",
                         help="comma-separated: sft, preference (default: both)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, run in this order: {', '.join(VARIANTS)} "
-                             f"(default: all; agreement runs once, on the preference stage)")
+                        help=f"comma-separated, run in this order within each stage: "
+                             f"{', '.join(VARIANTS)} (default: all; agreement, a DPO check, runs "
+                             f"with the preference stage only)")
     parser.add_argument("--child-timeout", type=float, metavar="SECONDS",
                         help="stop a job's process after this many seconds and report it as "
                              "timed out (default: no limit)")
@@ -503,9 +503,9 @@ def main(argv=None) -> int:
     peak, probe = matmul_peak_gflops(seconds=1.0 if args.model == "tiny" else 3.0)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s ({probe})", flush=True)
     parameters = matmul_parameters(args)
-    jobs = [("preference", "agreement")] if "agreement" in variants else []
-    jobs += [(stage, variant) for stage in stages for variant in variants
-             if variant != "agreement" and not (stage == "sft" and variant == "ours-shared")]
+    # stage by stage, each stage's variants in the order given; agreement is a DPO check
+    jobs = [(stage, variant) for stage in stages for variant in variants
+            if not (stage == "sft" and variant in ("ours-shared", "agreement"))]
     results, failures = [], []
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name(),
                "matmul_peak_gflops": peak, "matmul_probe": probe,
