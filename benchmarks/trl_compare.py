@@ -6,8 +6,10 @@
         --batch 4 --accum 8 --gradient-checkpointing                # the seed's setting, on a GPU
 
 Every variant runs in its own process (fresh memory peak) on the same pairs, model, lengths,
-batch, LoRA settings, quantization and precision:
+batch, LoRA settings, quantization and precision, in the order ``--variants`` names them:
 
+* ``agreement`` (with the preference stage only): on one batch, our log-probs (plain,
+  shared-prompt packed, packed with the chunked output layer) and DPO loss against TRL's;
 * ``ours``: :func:`dpo_lib.training.train.train` at its defaults: the reference log-probs precomputed (as
   always), batches grouped by length;
 * ``ours-shared``: the same with the shared-prompt packed forward (``train.shared_prompt``);
@@ -29,7 +31,15 @@ After ``--warmup`` optimizer steps, the next ``--steps`` are timed: pairs (SFT: 
 second, tokens per second (non-padding tokens of the batch as given to the model), seconds per
 optimizer step, and the peak memory (CUDA peak on a GPU, the process's peak RSS on a CPU). The
 DPO reference pass is timed on its own and amortised over one epoch of ``--epoch-pairs`` pairs
-(default: the seed's 25,600). Prints a table with the ratios ours/TRL; ``--json`` writes them.
+(default: the seed's 25,600). Prints each job's row as it finishes, then the ratios ours/TRL.
+
+Reporting as it goes (a run cut off by its caller still leaves every finished row): a job that
+fails prints the end of its stderr at once; ``--child-timeout SECONDS`` stops a job's process
+past that time (reported as timed out, the next job runs); ``--json FILE`` is rewritten after
+every job (``results``: the finished rows, ``failures``: each failed job with the end of its
+stderr, ``complete``: false until the last job is done). The exit status is 1 where any job
+failed. For tests, ``$TRL_COMPARE_FAULT`` (``stage:variant=fail`` or ``=hang``, comma-separated)
+makes that job's process fail or hang.
 
 How close to the machine's limit: before the variants, a short GEMM probe in this process
 (:func:`matmul_peak_gflops`: square matrix multiplies in the compute dtype, the best rate of a few
@@ -54,7 +64,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("ours", "ours-shared", "ours-fast", "trl-default", "trl-best")
+VARIANTS = ("agreement", "ours", "ours-shared", "ours-fast", "trl-default", "trl-best")
+STAGES = ("sft", "preference")
 MODELS = {"tiny": "tiny-gpt-neox", "smollm2": "smollm2-135m-instruct"}
 
 
@@ -409,6 +420,44 @@ def agreement(args) -> dict:
             "ours_loss": our_loss.item(), "trl_loss": float(trl_loss)}
 
 
+def injected_fault(job: str) -> None:
+    """A test hook: ``$TRL_COMPARE_FAULT`` (``stage:variant=fail`` or ``=hang``, comma-separated)
+    makes that job's child process fail at once (a traceback on its stderr) or hang, so that the
+    harness's reporting of failures and ``--child-timeout`` can be checked in seconds."""
+    for entry in filter(None, os.environ.get("TRL_COMPARE_FAULT", "").split(",")):
+        target, _, fault = entry.partition("=")
+        if target.strip() != job:
+            continue
+        if fault.strip() == "hang":
+            print(f"TRL_COMPARE_FAULT: {job} hangs on purpose", file=sys.stderr, flush=True)
+            time.sleep(10**6)
+        raise RuntimeError(f"TRL_COMPARE_FAULT: {job} fails on purpose")
+
+
+def run_child(command: list[str], timeout: float | None) -> tuple[int | None, str, str]:
+    """Run one job's process; ``(exit code or None where it ran past timeout, stdout,
+    stderr)``. A child past its timeout is killed; what it printed until then is kept."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            out, _ = child.communicate(timeout=timeout)
+            code = child.returncode
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, _ = child.communicate()
+            code = None
+        err.seek(0)
+        return code, out or "", err.read()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Replace ``path`` whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny",
@@ -424,15 +473,30 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--epoch-pairs", type=int, default=25_600)
-    parser.add_argument("--stages", default="sft,preference")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--stages", default="sft,preference",
+                        help="comma-separated: sft, preference (default: both)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, run in this order within each stage: "
+                             f"{', '.join(VARIANTS)} (default: all; agreement, a DPO check, runs "
+                             f"with the preference stage only)")
+    parser.add_argument("--child-timeout", type=float, metavar="SECONDS",
+                        help="stop a job's process after this many seconds and report it as "
+                             "timed out (default: no limit)")
+    parser.add_argument("--json", type=Path,
+                        help="write the results here, rewritten after every job")
     parser.add_argument("--only", help=argparse.SUPPRESS)       # stage:variant, in a child process
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS)) + sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown variant or stage {', '.join(unknown)}; variants: "
+                     f"{', '.join(VARIANTS)}; stages: {', '.join(STAGES)}")
 
     if args.only:
         stage, variant = args.only.split(":")
+        injected_fault(args.only)
         result = agreement(args) if variant == "agreement" else run_variant(args, stage, variant)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -441,36 +505,56 @@ def main(argv=None) -> int:
     peak, probe = matmul_peak_gflops(seconds=1.0 if args.model == "tiny" else 3.0)
     print(f"measured matrix-multiply peak: {peak:.1f} GFLOP/s ({probe})", flush=True)
     parameters = matmul_parameters(args)
+    # stage by stage, each stage's variants in the order given; agreement is a DPO check
+    jobs = [(stage, variant) for stage in stages for variant in variants
+            if not (stage == "sft" and variant in ("ours-shared", "agreement"))]
     results, failures = [], []
-    jobs = [(stage, variant) for stage in args.stages.split(",") for variant in
-            args.variants.split(",") if not (stage == "sft" and variant == "ours-shared")]
-    for stage, variant in [("preference", "agreement"), *jobs]:
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name(),
+               "matmul_peak_gflops": peak, "matmul_probe": probe,
+               "matmul_parameters": parameters, "jobs": [f"{s}:{v}" for s, v in jobs],
+               "results": results, "failures": failures, "complete": False}
+    if args.json:
+        write_json(args.json, summary)
+    print(f"{len(jobs)} jobs, each in its own process"
+          f"{f', at most {args.child_timeout:g} s each' if args.child_timeout else ''}: "
+          f"{', '.join(summary['jobs'])}", flush=True)
+    if any(v != "agreement" for _, v in jobs):
+        print(setting_line(args))
+        print(HEADER, flush=True)
+    for stage, variant in jobs:
         command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                    "--only", f"{stage}:{variant}", "--data", str(args.data)]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            failures.append((stage, variant, done.stderr[-3000:]))
-            print(f"{stage:10s} {variant:12s} FAILED", flush=True)
+        code, out, err = run_child(command, args.child_timeout)
+        seconds = time.perf_counter() - started
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        if code != 0 or not lines:
+            why = (f"timed out after {args.child_timeout:g} s" if code is None else
+                   f"exit status {code}" if code else "no RESULT line")
+            failures.append({"stage": stage, "variant": variant, "reason": why,
+                             "seconds": seconds, "stderr_tail": err[-3000:]})
+            if args.json:
+                write_json(args.json, summary)
+            print(f"{stage:10s} {variant:12s} FAILED: {why} ({seconds:.0f} s)", flush=True)
+            print(f"--- {stage} {variant}: the end of its stderr\n{err[-3000:].rstrip()}\n---",
+                  file=sys.stderr, flush=True)
             continue
         result = json.loads(lines[-1][7:])
-        result.update(stage=stage, variant=variant)
+        result.update(stage=stage, variant=variant, job_seconds=seconds)
         if "tokens_per_second" in result:
-            per_token = 6 if (stage, variant) == ("preference", "trl-default") else 4
-            result["gflop_per_second"] = per_token * parameters * result["tokens_per_second"] / 1e9
-            result["peak_share"] = result["gflop_per_second"] / peak
+            add_derived(result, args, parameters, peak)
         results.append(result)
-        print(f"{stage:10s} {variant:12s} done in {time.perf_counter() - started:.0f} s", flush=True)
-    print_table(results, args, peak)
+        if args.json:
+            write_json(args.json, summary)
+        print((agreement_line(result) if variant == "agreement" else row_line(result))
+              + f"   ({seconds:.0f} s)", flush=True)
+    print_ratios(results, args, peak)
+    summary["complete"] = True
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "device": device_name(), "matmul_peak_gflops": peak,
-                                         "matmul_probe": probe, "matmul_parameters": parameters,
-                                         "results": results}, indent=1))
-    for stage, variant, log in failures:
-        print(f"\n--- {stage} {variant} failed:\n{log}", file=sys.stderr)
+        write_json(args.json, summary)
+    if failures:
+        print(f"{len(failures)} of {len(jobs)} jobs failed: " + "; ".join(
+            f"{f['stage']} {f['variant']} ({f['reason']})" for f in failures), flush=True)
     return 1 if failures else 0
 
 
@@ -484,36 +568,53 @@ def device_name() -> str:
     return f"CPU, {cpu_threads()} cores"
 
 
-def print_table(results, args, peak: float) -> None:
-    agreement_rows = [r for r in results if r["variant"] == "agreement"]
-    for r in agreement_rows:
-        print(f"\nagreement with TRL on one batch of {r['pairs']} pairs (answers' log-probs "
-              f"about {r['mean_abs_logp']:.0f} nats): largest log-prob difference "
-              f"{r['max_logp_difference']:.1e} (shared-prompt forward "
-              f"{r['max_logp_difference_shared']:.1e}, with the chunked output layer too "
-              f"{r['max_logp_difference_fast']:.1e}); DPO loss ours {r['ours_loss']:.6f}, "
-              f"TRL {r['trl_loss']:.6f}")
+HEADER = (f"{'stage':10s} {'variant':12s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>8s} "
+          f"{'peak MB':>8s} {'ref. s':>7s} {'epoch h':>8s} {'GFLOP/s':>8s} {'of peak':>7s}")
+
+
+def add_derived(result: dict, args, parameters: int, peak: float) -> None:
+    """A variant's model GFLOP/s, its share of the measured peak and the hours of one epoch."""
+    per_token = 6 if (result["stage"], result["variant"]) == ("preference", "trl-default") else 4
+    result["gflop_per_second"] = per_token * parameters * result["tokens_per_second"] / 1e9
+    result["peak_share"] = result["gflop_per_second"] / peak
+    epoch = args.epoch_pairs / result["pairs_per_second"]
+    if result.get("reference_seconds") and result.get("reference_pairs"):
+        epoch += result["reference_seconds"] / result["reference_pairs"] * args.epoch_pairs
+    result["epoch_hours"] = epoch / 3600
+
+
+def setting_line(args) -> str:
+    return (f"\n{device_name()}; model {args.model}, quantization {args.quant}, max length "
+            f"{args.max_length}, batch {args.batch} x {args.accum}, LoRA r {args.lora_r}, "
+            f"precision {args.mixed_precision}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'}; {args.steps} timed steps after "
+            f"{args.warmup} warm-up")
+
+
+def row_line(r: dict) -> str:
+    ref = f"{r['reference_seconds']:.1f}" if r.get("reference_seconds") else "-"
+    return (f"{r['stage']:10s} {r['variant']:12s} {r['pairs_per_second']:8.3f} "
+            f"{r['tokens_per_second']:9.0f} {r['seconds_per_step']:8.3f} "
+            f"{r['peak_memory_mb']:8.0f} {ref:>7s} {r['epoch_hours']:8.2f} "
+            f"{r['gflop_per_second']:8.2f} {r['peak_share']:7.1%}")
+
+
+def agreement_line(r: dict) -> str:
+    return (f"agreement with TRL on one batch of {r['pairs']} pairs (answers' log-probs "
+            f"about {r['mean_abs_logp']:.0f} nats): largest log-prob difference "
+            f"{r['max_logp_difference']:.1e} (shared-prompt forward "
+            f"{r['max_logp_difference_shared']:.1e}, with the chunked output layer too "
+            f"{r['max_logp_difference_fast']:.1e}); DPO loss ours {r['ours_loss']:.6f}, "
+            f"TRL {r['trl_loss']:.6f}")
+
+
+def print_ratios(results, args, peak: float) -> None:
+    """After the rows (printed as each job finished): the ratios ours/TRL and the notes."""
     rows = [r for r in results if r["variant"] != "agreement"]
-    print(f"\n{device_name()}; model {args.model}, quantization {args.quant}, max length "
-          f"{args.max_length}, batch {args.batch} x {args.accum}, LoRA r {args.lora_r}, "
-          f"precision {args.mixed_precision}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}; {args.steps} timed steps after "
-          f"{args.warmup} warm-up")
-    header = (f"{'stage':10s} {'variant':12s} {'pairs/s':>8s} {'tokens/s':>9s} {'s/step':>8s} "
-              f"{'peak MB':>8s} {'ref. s':>7s} {'epoch h':>8s} {'GFLOP/s':>8s} {'of peak':>7s}")
-    print(header)
-    for r in rows:
-        pairs = args.epoch_pairs
-        epoch = pairs / r["pairs_per_second"]
-        if r.get("reference_seconds") and r.get("reference_pairs"):
-            epoch += r["reference_seconds"] / r["reference_pairs"] * pairs
-        ref = f"{r['reference_seconds']:.1f}" if r.get("reference_seconds") else "-"
-        r["epoch_hours"] = epoch / 3600
-        print(f"{r['stage']:10s} {r['variant']:12s} {r['pairs_per_second']:8.3f} "
-              f"{r['tokens_per_second']:9.0f} {r['seconds_per_step']:8.3f} "
-              f"{r['peak_memory_mb']:8.0f} {ref:>7s} {r['epoch_hours']:8.2f} "
-              f"{r['gflop_per_second']:8.2f} {r['peak_share']:7.1%}")
-    for stage in ("sft", "preference"):
+    if not rows:
+        return
+    print()
+    for stage in STAGES:
         by = {r["variant"]: r for r in rows if r["stage"] == stage}
         for ours in ("ours", "ours-shared", "ours-fast"):
             for trl in ("trl-default", "trl-best"):
@@ -525,7 +626,7 @@ def print_table(results, args, peak: float) -> None:
           "included where precomputed; SFT counts sequences as pairs)")
     print(f"(GFLOP/s: model FLOPs per second, 4 x {matmul_parameters(args):,} parameters per token "
           f"given to the model, 6 x where the reference forward runs every step; of peak: share "
-          f"of the measured matrix-multiply peak, {peak:.1f} GFLOP/s)")
+          f"of the measured matrix-multiply peak, {peak:.1f} GFLOP/s)", flush=True)
 
 
 if __name__ == "__main__":
