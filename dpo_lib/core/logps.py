@@ -56,6 +56,7 @@ class _LabelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.profiler.record_function("output_layer")
     def forward(ctx, logits, safe_labels):
         batch, length = safe_labels.shape
         vocab = logits.shape[-1]
@@ -69,6 +70,7 @@ class _LabelLogProbs(torch.autograd.Function):
         return label_logits.squeeze(-1).to(dtype) - log_norm
 
     @staticmethod
+    @torch.profiler.record_function("output_layer")
     def backward(ctx, grad_out):
         logits, safe_labels, log_norm = ctx.saved_tensors
         batch, length = safe_labels.shape
@@ -148,6 +150,7 @@ class _HeadLabelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.profiler.record_function("output_layer")
     def forward(ctx, hidden, weight, bias, targets):
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -165,6 +168,7 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.profiler.record_function("output_layer")
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, log_norm = ctx.saved_tensors
         dtype = log_norm.dtype

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ..core.config import Config, mixed_precision, require_device
 from ..core.errors import DeviceError
@@ -237,21 +238,25 @@ def training_step(model, micro_batches: Sequence[Sequence[int]], state: TrainSta
         tokens, positions = tokens + batch_tokens, positions + batch_positions
         last = number == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss, micro_rows = micro_batch_loss(model, batch, ref, state, len(micro_batches),
-                                                step_tokens)
+            with record_function("forward"):
+                loss, micro_rows = micro_batch_loss(model, batch, ref, state,
+                                                    len(micro_batches), step_tokens)
             stop_if_not_finite(loss, "loss", state, f"micro-batch {number}, examples {indices}")
-            accelerator.backward(loss)
+            with record_function("backward"):
+                accelerator.backward(loss)
         rows.append(micro_rows)
-    grad_norm = accelerator.clip_grad_norm_(state.trainable, cfg.train.max_grad_norm)
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:    # only fp16's GradScaler may meet overflowing gradients (and skip)
-        stop_if_not_finite(grad_norm, "gradient norm", state, "after backward, before clipping")
-    lr = optimizer.param_groups[0]["lr"]           # the rate this step uses (logged as "lr")
-    optimizer.step()
-    skipped = bool(accelerator.optimizer_step_was_skipped)
-    if not skipped:
-        state.scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        grad_norm = accelerator.clip_grad_norm_(state.trainable, cfg.train.max_grad_norm)
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is None:    # only fp16's GradScaler may meet overflowing gradients (and skip)
+            stop_if_not_finite(grad_norm, "gradient norm", state,
+                               "after backward, before clipping")
+        lr = optimizer.param_groups[0]["lr"]       # the rate this step uses (logged as "lr")
+        optimizer.step()
+        skipped = bool(accelerator.optimizer_step_was_skipped)
+        if not skipped:
+            state.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
     local = torch.cat(rows).to(accelerator.device)
     world = accelerator.num_processes
