@@ -88,3 +88,197 @@ def test_good_answer_tests_by_hand():
     assert (row["good"], row["against_good"]) == (4, 3)
     assert (row["model_alone"], row["against_alone"]) == (2, 1)      # prompts 1, 3 vs prompt 2
     assert row["p"] == compare.sign_test_p(2, 1)
+
+
+# --- comparisons over prompts (dpo_lib.lessons.stats) ----------------------------------------
+
+def test_compare_over_prompts_by_hand():
+    """3 prompts x 2 seeds against one SFT run: seed means [1, 1/2, 1/2] vs [0, 0, 1]."""
+    a = [[1, 0, 1],
+         [1, 1, 0]]
+    b = [0, 0, 1]
+    r = compare.compare_over_prompts(a, b)
+    assert (r.n, r.seeds) == (3, (2, 1))
+    assert (r.a_wins, r.b_wins, r.ties) == (2, 1, 0)      # d = [1, 1/2, -1/2]
+    assert r.difference == pytest.approx(1 / 3)
+    assert r.mean_a == pytest.approx(2 / 3) and r.mean_b == pytest.approx(1 / 3)
+    assert r.sign_p == compare.sign_test_p(2, 1) == 1.0
+    # sign flips of [1, 1/2, -1/2]: sums 2, 1, 1, 0, 0, -1, -1, -2; |sum| >= 1 in 6 of 8
+    assert r.permutation_p == pytest.approx(6 / 8)
+    # a tie is left out of the sign test: seed means [1, 1/2, 1/2] vs [0, 1/2, 0]
+    r = compare.compare_over_prompts([[1, 0, 1], [1, 1, 0]], [[0, 0, 0], [0, 1, 0]])
+    assert (r.a_wins, r.b_wins, r.ties) == (2, 0, 1)
+    assert r.sign_p == compare.sign_test_p(2, 0) == 0.5
+    assert set(r.asdict()) >= {"a_wins", "b_wins", "sign_p", "permutation_p", "interval", "n"}
+    with pytest.raises(ValueError):
+        compare.compare_over_prompts([1, 0, 1], [1, 0])
+
+
+def test_permutation_p_is_the_exact_enumeration():
+    from itertools import product
+
+    import numpy as np
+
+    d = np.array([0.9, -0.2, 0.5, 1.3, 0.1, -0.7, 0.4])
+    observed = abs(d.mean())
+    flips = [abs((np.array(signs) * d).mean()) for signs in product((-1, 1), repeat=len(d))]
+    exact = sum(f >= observed - 1e-12 for f in flips) / len(flips)       # 2**7 = 128 flips
+    r = compare.compare_over_prompts(d, np.zeros_like(d))
+    assert r.permutation_p == pytest.approx(exact)
+    assert (r.a_wins, r.b_wins) == (5, 2)
+
+
+def test_bootstrap_interval_covers_the_true_difference_and_is_seeded():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    prompts = 2000
+    easy = rng.uniform(0.2, 0.8, prompts)                    # each prompt its own difficulty
+    a = rng.random((3, prompts)) < np.clip(easy + 0.1, 0, 1)          # 3 seeds
+    b = rng.random((2, prompts)) < easy                               # 2 seeds
+    true = float(np.clip(easy + 0.1, 0, 1).mean() - easy.mean())      # 0.1 up to the clip
+    r = compare.compare_over_prompts(a, b, seed=7, n_resamples=2000)
+    low, high = r.interval
+    assert low < true < high and high - low < 0.06
+    d = a.mean(0) - b.mean(0)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(prompts)                    # the normal interval
+    assert low == pytest.approx(d.mean() - half, abs=0.005)
+    assert high == pytest.approx(d.mean() + half, abs=0.005)
+    again = compare.compare_over_prompts(a, b, seed=7, n_resamples=2000)
+    assert again.interval == r.interval and again.permutation_p == r.permutation_p
+    assert compare.compare_over_prompts(a, b, seed=8, n_resamples=2000).interval != r.interval
+
+
+def test_equivalence_needs_enough_prompts():
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 3000)) < 0.5, rng.random((3, 3000)) < 0.5   # no true difference
+    eq = compare.equivalence_test(a, b, margin=0.05)
+    assert eq.shown and eq.p < 0.05 and -0.05 < eq.interval[0] < eq.interval[1] < 0.05
+    d = a.mean(0) - b.mean(0)                                           # TOST by hand
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    assert eq.p_lower == pytest.approx(scipy_stats.t.sf((d.mean() + 0.05) / se, len(d) - 1))
+    assert eq.p_upper == pytest.approx(scipy_stats.t.cdf((d.mean() - 0.05) / se, len(d) - 1))
+    small = compare.equivalence_test(a[:, :6], b[:, :6], margin=0.05)
+    assert not small.shown and small.p > 0.05
+    for prompts in (50, 200, 300, 400):            # shown <=> the 90 % interval inside +-margin
+        eq = compare.equivalence_test(a[:, :prompts], b[:, :prompts], margin=0.05)
+        assert eq.shown == (eq.p < 0.05) == (-0.05 < eq.interval[0] < eq.interval[1] < 0.05)
+    middling = compare.equivalence_test(a[:, :200], b[:, :200], margin=0.05)
+    assert not middling.shown and 0.05 < middling.p < 0.2        # close, still not shown
+    far = compare.equivalence_test(np.ones(50), np.r_[np.zeros(25), np.ones(25)], margin=0.1)
+    assert not far.shown                                                # difference 0.5
+    with pytest.raises(ValueError):
+        compare.equivalence_test(a, b, margin=0)
+
+
+def test_sign_test_power_exact():
+    from scipy import stats as scipy_stats
+
+    assert compare.sign_test_power(5, 0.9) == 0.0        # 5 : 0 has p = 1/16 > 0.05
+    assert compare.sign_test_power(6, 0.9) == pytest.approx(0.9 ** 6 + 0.1 ** 6)   # {0, 6}
+    for n in (10, 33, 48):
+        assert compare.sign_test_power(n, 0.5) <= 0.05                 # the size
+    # discordant = 1: every prompt untied, the mixture is one binomial
+    one = compare.power_statement(20, 0.4, discordant=1.0)
+    assert one.p_win == pytest.approx(0.7)
+    assert one.power == pytest.approx(compare.sign_test_power(20, 0.7))
+    # by hand over M ~ Binomial(4, 1/2) discordant prompts, all favouring A (p_win = 1):
+    # only M = 4 can reach p <= 0.125
+    hand = scipy_stats.binom.pmf(4, 4, 0.5)
+    assert compare.power_statement(4, 0.5, 0.5, alpha=0.125).power == pytest.approx(hand)
+    powers = [compare.power_statement(48, x, 0.3).power for x in (0.0, 0.1, 0.2, 0.3)]
+    assert powers == sorted(powers) and powers[-1] > 0.95
+    assert "48 prompts" in compare.power_statement(48, 0.1, 0.3).statement
+    with pytest.raises(ValueError):
+        compare.power_statement(48, 0.4, 0.3)             # more difference than discord
+
+
+# --- baselines that learn nothing (dpo_lib.lessons.baselines) --------------------------------
+
+def _pairs(chosen, rejected, n_chosen, n_rejected):
+    return PairLogps(*(torch.tensor(x, dtype=torch.float)
+                       for x in (chosen, rejected, n_chosen, n_rejected)))
+
+
+def test_length_baselines_on_a_hand_table():
+    import numpy as np
+
+    #              pair:   0      1      2      3      4      5
+    ref = _pairs([-14., -20., -12., -30., -6., -9.],       # L_w
+                 [-12., -15., -12., -30., -8., -20.],      # L_l
+                 [5, 10, 4, 6, 4, 3],                       # n_w
+                 [8, 6, 6, 6, 2, 10])                       # n_l
+    out = compare.length_baselines(ref, reference=ref, delta=1.0)
+    shorter = out["shorter answer"]
+    # direct count: chosen shorter in pairs 0, 2, 5; a tie in 3; chosen longer in 1, 4
+    assert shorter.right.tolist() == [True, False, True, False, False, True]
+    assert shorter.tie.tolist() == [False, False, False, True, False, False]
+    assert shorter.accuracy == pytest.approx(3.5 / 6) and shorter.strict_accuracy == 0.5
+    assert np.array_equal(out["uniform drop: summed reward"].right, shorter.right)
+    assert np.array_equal(out["uniform drop: summed reward"].tie, shorter.tie)
+    per_token = out["uniform drop: per-token reward"]
+    assert per_token.accuracy == 0.5 and per_token.strict_accuracy == 0 and per_token.tie.all()
+    # reference margins L_w - L_l = [-2, -5, 0, 0, 2, 11]; n_l - n_w = [3, -4, 2, 0, -2, 7]
+    # delta -> 0+: the reference's signs, its ties (pairs 2, 3) to the shorter answer
+    limit = out["uniform drop: summed log-prob, delta -> 0+"]
+    assert limit.right.tolist() == [False, False, True, False, True, True]
+    assert limit.tie.tolist() == [False, False, False, True, False, False]
+    # delta = 1: margins [1, -9, 2, 0, 0, 18]
+    one = out["uniform drop: summed log-prob, delta = 1"]
+    assert one.right.tolist() == [True, False, True, False, False, True]
+    assert one.tie.tolist() == [False, False, False, True, True, False]
+    # delta = 10: margins [28, -45, 20, 0, -18, 81]: the shorter-answer rule again
+    big = compare.length_baselines(ref, reference=ref, delta=10.0)
+    assert big["uniform drop: summed log-prob, delta = 10"].right.tolist() == \
+        shorter.right.tolist()
+    # per token, any delta: L_w/n_w - L_l/n_l = [-1.3, 0.5, -1, 0, 2.5, -1]
+    assert out["uniform drop: per-token log-prob"].right.tolist() == \
+        [False, True, False, False, True, False]
+    assert len(compare.length_baselines(ref)) == 3   # without a reference: the reward rules only
+
+
+def test_uniform_drop_is_what_the_rankings_score():
+    """A model that is its reference minus delta per token, scored by compare.ranked."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    n_w = torch.randint(1, 30, (200,), generator=gen).float()
+    n_l = torch.randint(1, 30, (200,), generator=gen).float()
+    # quarter steps: every sum and difference below is exact in fp32
+    ref = PairLogps(-n_w * 1.5 - torch.randint(0, 40, (200,), generator=gen) * 0.25,
+                    -n_l * 1.5 - torch.randint(0, 40, (200,), generator=gen) * 0.25, n_w, n_l)
+    delta = 0.25
+    drop = PairLogps(ref.chosen_sums - delta * n_w, ref.rejected_sums - delta * n_l, n_w, n_l)
+    tables = {"ref": ref, "drop": drop}
+    assert compare.mean_drop(drop, ref) == pytest.approx(delta)
+    out = compare.length_baselines(drop, reference=ref, delta=delta)
+    strict_shorter = (n_w < n_l).numpy()
+    assert np.array_equal(compare.ranked(tables, "drop", reference="ref").numpy(), strict_shorter)
+    assert np.array_equal(out["uniform drop: summed reward"].right, strict_shorter)
+    assert not compare.ranked(tables, "drop", reference="ref", per_token=True).any()
+    assert np.array_equal(compare.ranked(tables, "drop").numpy(),
+                          out[f"uniform drop: summed log-prob, delta = {delta}"].right)
+    per_token = ref.chosen_sums / n_w - ref.rejected_sums / n_l
+    clear = (per_token.abs() > 1e-4).numpy()         # away from rounding at per-token ties
+    assert np.array_equal(compare.ranked(tables, "drop", per_token=True).numpy()[clear],
+                          out["uniform drop: per-token log-prob"].right[clear])
+    with pytest.raises(ValueError):
+        compare.length_baselines(drop, reference=PairLogps(ref.chosen_sums, ref.rejected_sums,
+                                                           n_w + 1, n_l))
+
+
+def test_against_baseline_pair_by_pair():
+    ref = _pairs([0.] * 6, [0.] * 6, [2, 2, 2, 5, 5, 3], [4, 4, 4, 3, 3, 3])
+    shorter = compare.length_baselines(ref)["shorter answer"]   # right x3, wrong x2, tie
+    model = [True, False, False, True, True, True]
+    row = compare.against_baseline(model, shorter)
+    # model alone right: pairs 3, 4; baseline alone right: pairs 1, 2; pair 5 (a tie) left out
+    assert (row["model_alone"], row["baseline_alone"], row["ties_left_out"]) == (2, 2, 1)
+    assert row["p"] == 1.0 and row["model_accuracy"] == pytest.approx(4 / 6)
+    assert row["baseline_accuracy"] == pytest.approx(3.5 / 6)
+    row = compare.against_baseline([False, False, False, True, True, False], shorter)
+    assert (row["model_alone"], row["baseline_alone"]) == (2, 3)
+    assert row["p"] == compare.sign_test_p(2, 3)

@@ -10,7 +10,11 @@ model already knew?". On ``N`` held-out pairs, each model's summed log-probs of 
 
 and two models are compared on the pairs where exactly one of them is right: under "no
 difference" each such pair is a coin flip, and :func:`sign_test` gives the two-sided p-value.
-Greedy answers of every model to the same prompts are put side by side. ::
+Greedy answers of every model to the same prompts are put side by side. Over several seeds the
+unit is still the prompt (or pair): :func:`compare_over_prompts` (seed means per prompt, sign and
+sign-flip tests, a bootstrap interval), :func:`equivalence_test`, :func:`power_statement` (from
+:mod:`dpo_lib.lessons.stats`); every accuracy stands beside baselines that learn nothing:
+:func:`length_baselines`, :func:`against_baseline` (from :mod:`dpo_lib.lessons.baselines`). ::
 
     dpo-compare configs/cpu-hh.yaml sft=runs/cpu-hh-sft dpo=runs/cpu-hh-dpo \\
         ipo=runs/cpu-hh-ipo --out data/example-runs/cpu-hh
@@ -33,6 +37,9 @@ from ..core.cli import command
 from ..core.config import RUNS_DIR, Config, load_config
 from ..core.errors import ConfigError
 from ..training.sweep import RUN_FILES
+from .baselines import Baseline, against_baseline, length_baselines, mean_drop  # noqa: F401
+from .stats import (Equivalence, Power, PromptComparison, compare_over_prompts,  # noqa: F401
+                    equivalence_test, per_prompt, power_statement, sign_test_power)
 
 
 
