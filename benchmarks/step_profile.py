@@ -79,7 +79,6 @@ def inside(event, ranges) -> str | None:
 
 
 def profile_step(cfg, examples, steps: int) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from dpo_lib.training.step import training_step
