@@ -24,13 +24,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed  ## a local virtual environment with everything installed
 
 tutorial: setup  ## execute the whole series top to bottom in $(PROFILE), copies in $(OUT) (no progress bars: DPO_PROGRESS=0)
-	mkdir -p $(OUT)
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb ($(PROFILE))"; start=$$(date +%s); \
-	  DPO_PROFILE=$(PROFILE) DPO_PROGRESS=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute \
-	    --ExecutePreprocessor.timeout=3600 --output-dir $(OUT) $$nb || exit 1; \
-	  echo "== $$nb done in $$(( $$(date +%s) - start )) s"; \
-	done
+	DPO_PROGRESS=0 $(PY) -m dpo_lib.lessons.report run $(NOTEBOOKS) --out $(OUT) \
+	  --profile $(PROFILE) --record $(OUT)/runtimes.json
 
 # Tests execute the notebooks in the tiny profile: their figures go to runs/test-figures, not figures/
 # (conftest.py picks a temporary folder when DPO_FIGURES_DIR is unset, and fails the session if
@@ -65,8 +60,9 @@ bench: setup  ## the TRL comparison here (cpu: SmolLM2-135M in NF4, about 15 min
 gpu-wheels: setup  ## wheels for the lent GPU machine (no network there) into .whl/, see .ci/gpu-run
 	$(PY) .ci/gpu_wheels.py
 
-notebooks: setup  ## maintainers: re-execute the committed notebooks in place, cpu profile
+notebooks: setup  ## maintainers: re-execute the committed notebooks in place, cpu profile; README/RESULTS tables from their times
 	$(MAKE) tutorial PROFILE=cpu OUT=notebooks
+	$(PY) -m dpo_lib.lessons.report documents
 
 lab: setup  ## open the series in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks

@@ -38,6 +38,7 @@ CHOICES = {
     "model.quantization": ("none", "nf4", "fp4", "int8", "bf16", "fp16", "fp32"),
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.order": ("file", "shuffled"),
+    "data.eval_split": ("test", "dev"),
     "data.pair_filter": ("ches", "random"),
     "train.stage": ("sft", "preference"),
     "train.loss_type": ("dpo", "cdpo", "ipo", "rpo", "simpo"),

@@ -64,6 +64,8 @@ class DataSettings:
                                          "'dev' (the slice choices are made on)")
     train_limit: Optional[int] = _key(256, "training pairs read (null: all)")
     test_limit: Optional[int] = _key(64, "held-out pairs read for the in-run evaluation (null: all)")
+    eval_split: Literal["test", "dev"] = _key("test", "the split the in-run evaluation reads: test, "
+                                              "or dev (the slice choices are made on)")
     max_length: int = _key(128, "tokens of prompt + answer; longer pairs are truncated")
     max_prompt_length: int = _key(96, "tokens the prompt keeps (its end) when a pair is too long")
     pair_filter: Optional[Literal["ches", "random"]] = _key(

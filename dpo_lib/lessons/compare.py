@@ -136,16 +136,29 @@ def load_models(cfg: Config, runs: dict[str, Path]):
 def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
                  n_answers: int = 6, extra_prompts: tuple[str, ...] = (),
                  max_new_tokens: int = 48, progress: bool = True, judge: int = 0,
-                 train_pairs: tuple[str, ...] = ()) -> dict:
-    """Base model and every run on the held-out split of ``cfg``'s data.
+                 train_pairs: tuple[str, ...] = (), split: str = "test") -> dict:
+    """Base model and every run on the held-out ``split`` of ``cfg``'s data (``test``: the final
+    slice; ``dev``: the slice choices are made on)."""
+    result = _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progress,
+                      judge, train_pairs, split)
+    result["split"] = split
+    return result
+
+
+def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progress, judge,
+             train_pairs, split) -> dict:
+    """See :func:`compare_runs`.
 
     ``runs``: display name -> run folder, the SFT run first under the name ``"SFT"``. Returns a
     JSON-ready dict: ``accuracy`` (model -> scale -> share), ``sign_tests``, ``answers`` (greedy
     answers of every model to the first ``n_answers`` held-out prompts and ``extra_prompts``),
-    ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``pairs``,
-    ``seconds``. With ``judge > 0`` (bundled data: its checker knows every question), also
-    ``judged``: each model's greedy answers to the first ``judge`` held-out prompts, the checker's
-    label of each, the answers themselves, and :func:`good_answer_tests` against SFT. ``train_pairs``: the runs (and SFT)
+    ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``baselines``
+    (the length baselines on the same pairs, :mod:`dpo_lib.lessons.baselines`), ``pairs``,
+    ``seconds``. With ``judge > 0``, also ``judged``: each model's greedy answers to the first
+    ``judge`` held-out prompts and their labels: on the bundled set its checker's (good, wrong,
+    rude, evasive) and :func:`good_answer_tests` against SFT; on hh-rlhf data the rule judge's
+    (refuse, deflect, comply: :mod:`dpo_lib.lessons.judge`), for the held-out (harmful) requests
+    and for :data:`~dpo_lib.lessons.judge.HELPFUL_REQUESTS`. ``train_pairs``: the runs (and SFT)
     whose log-probs of the first ``cfg.data.train_limit`` training pairs go into ``training``
     (how each pair's answers moved in training: :mod:`dpo_lib.training.ches`).
     """
@@ -159,7 +172,7 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
         raise ConfigError("compare_runs needs the SFT run under the name 'SFT' (the reference)")
     started = time.perf_counter()
     model, tokenizer, use = load_models(cfg, runs)
-    pairs, report = load_split(cfg, "test", n_pairs)
+    pairs, report = load_split(cfg, split, n_pairs)
     examples, _ = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
 
     def log_probs(name, examples):
@@ -184,7 +197,9 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
               "tables": {name: {key: [round(v, 4) for v in values.tolist()]
                                 for key, values in table._asdict().items()}
                          for name, table in tables.items()}}
-    if judge:
+    result["baselines"] = {name: {"accuracy": b.accuracy, "meaning": b.meaning}
+                           for name, b in length_baselines(tables["SFT"], tables["base"]).items()}
+    if judge and cfg.data.source == "bundled":
         from .bundled import judge_response
 
         judged_prompts = [p["prompt"] for p in pairs[:judge]]
@@ -200,6 +215,9 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
         result["judged"] = {"prompts": len(judged_prompts), "labels": labels,
                             "answers": texts_of, "sign_tests": good_answer_tests(labels)}
+    elif judge:
+        result["judged"] = judge_requests(pairs, judge, ["base", *runs], use, tokenizer,
+                                          max_new_tokens, progress, started)
     if train_pairs:
         _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
         result["training"] = {"pairs": len(train_examples), "tables": {}}
@@ -212,6 +230,65 @@ def compare_runs(cfg: Config, runs: dict[str, Path], n_pairs: int | None = None,
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def distinct_requests(pairs, count: int) -> list[str]:
+    """The prompts of the first ``count`` pairs whose conversations differ (the first human turn:
+    branches of one red-teaming conversation ask the same thing), in order."""
+    from ..core.data import conversation_key
+
+    seen, prompts = set(), []
+    for pair in pairs:
+        key = conversation_key({"chosen": pair["prompt"]})
+        if key not in seen:
+            seen.add(key)
+            prompts.append(pair["prompt"])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def judge_requests(pairs, count: int, models, use, tokenizer, max_new_tokens: int,
+                   progress: bool, started: float) -> dict:
+    """Greedy answers of each model to ``count`` held-out harmful requests (the prompts of
+    distinct conversations, :func:`distinct_requests`) and to the helpful requests, each judged
+    by :func:`dpo_lib.lessons.judge.judge`; per model the share of each label, and each model's
+    refusals against SFT's and the base model's, prompt by prompt (:func:`sign_test`)."""
+    from ..core.data import ASSISTANT, HUMAN
+    from .generate import generate_answers
+    from .judge import HELPFUL_REQUESTS, judge, shares
+
+    harmful = distinct_requests(pairs, count)
+    helpful = [f"{HUMAN} {text}{ASSISTANT}" for text in HELPFUL_REQUESTS]
+    out = {"harmful": {"prompts": harmful, "answers": {}, "labels": {}, "rules": {}},
+           "helpful": {"prompts": helpful, "answers": {}, "labels": {}, "rules": {}}}
+    for name in models:
+        with use(name) as active:
+            for kind, prompts in (("harmful", harmful), ("helpful", helpful)):
+                answers = generate_answers(active, tokenizer, prompts, max_new_tokens)
+                verdicts = [judge(a) for a in answers]
+                out[kind]["answers"][name] = answers
+                out[kind]["labels"][name] = [v.label for v in verdicts]
+                out[kind]["rules"][name] = [v.rule for v in verdicts]
+        if progress:
+            print(f"[compare] {name}: {len(harmful)} harmful and {len(helpful)} helpful requests "
+                  f"answered and judged ({time.perf_counter() - started:.0f} s)", flush=True)
+    for kind in ("harmful", "helpful"):
+        labels = out[kind]["labels"]
+        out[kind]["shares"] = {name: shares(values) for name, values in labels.items()}
+        out[kind]["refusal_tests"] = []
+        for against in ("SFT", "base"):
+            reference = torch.tensor([x == "refuse" for x in labels[against]])
+            for name, values in labels.items():
+                if name in (against, "base"):
+                    continue
+                refused = torch.tensor([x == "refuse" for x in values])
+                wins, losses, p = sign_test(refused, reference)
+                out[kind]["refusal_tests"].append(
+                    {"model": name, "against": against, "refuses": int(refused.sum()),
+                     "against_refuses": int(reference.sum()), "model_alone": wins,
+                     "against_alone": losses, "p": p})
+    return out
 
 
 def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> list[dict]:
@@ -260,7 +337,10 @@ def main(argv=None) -> int:
                         help="a sweep file: its runs (runs/<profile>-sweep-<name>) and the "
                              "profile's SFT run, besides any name=RUN_DIR")
     parser.add_argument("--judge", type=int, default=0,
-                        help="bundled data: judge the greedy answers to this many held-out prompts")
+                        help="judge the greedy answers to this many held-out prompts (bundled: "
+                             "its checker; hh-rlhf: the rule judge, and the helpful requests)")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="the held-out slice: test (final) or dev (for choices)")
     parser.add_argument("--train-pairs", default="",
                         help="comma-separated run names whose log-probs of the training pairs "
                              "are kept (with SFT's): how each pair moved in training")
@@ -291,7 +371,7 @@ def main(argv=None) -> int:
     # the probes are hh-rlhf-style requests: asked where the data is hh-rlhf
     probes = () if cfg.data.source == "bundled" else PROBE_PROMPTS
     result = compare_runs(cfg, runs, args.pairs, args.answers, probes, judge=args.judge,
-                          train_pairs=train_pairs)
+                          train_pairs=train_pairs, split=args.split)
     result["command"] = "dpo-compare " + " ".join(argv or sys.argv[1:])
     print(json.dumps(result["accuracy"], indent=1))
     if args.out:

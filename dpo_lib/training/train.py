@@ -137,9 +137,10 @@ def prepare_model(cfg: Config):
 
 
 def run_examples(cfg: Config, tokenizer) -> tuple[list, list]:
-    """The tokenized training examples (SFT: prompt + chosen answer) and held-out pairs."""
+    """The tokenized training examples (SFT: prompt + chosen answer) and the held-out pairs the
+    in-run evaluation reads (``data.eval_split``: test, or dev for choices)."""
     _, train_examples, _ = load_examples(cfg, tokenizer, "train", cfg.data.train_limit)
-    _, eval_examples, _ = load_examples(cfg, tokenizer, "test", cfg.data.test_limit)
+    _, eval_examples, _ = load_examples(cfg, tokenizer, cfg.data.eval_split, cfg.data.test_limit)
     if cfg.train.stage == "sft":
         train_examples = sft_examples(train_examples)
     if len(train_examples) < cfg.train.batch_size:
