@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..core.batches import batch_indices, load_examples, sft_examples
-from ..core.cli import command
+from ..core.cli import command, parse_run_arguments
 from ..core.config import Config, load_config
 from ..core.errors import DataError, MissingFileError
 from ..core.layouts import layout_for, pair_layout
@@ -281,9 +281,7 @@ def main(argv=None) -> int:
                     "(tiny, cpu, gpu, auto) or a YAML recipe; key=value pairs override single "
                     "keys (dotted, or a unique leaf name: output_dir=runs/x loss_type=ipo).")
     parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_run_arguments(parser, argv)
     cfg = load_config(args.config, overrides=args.overrides)
     result = train(cfg, progress=not args.no_progress)
     if result.metrics:
