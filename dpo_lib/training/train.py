@@ -178,13 +178,15 @@ def reference_passes(model, train_examples, eval_examples, cfg: Config, referenc
                      folder: Path, accelerator, progress: bool = True):
     """The reference log-probs of the training and the held-out pairs (the prepared model, its
     adapter off unless it started from an SFT adapter, under the run's autocast), each cached;
-    ``(None, None)`` for SFT and for a reference-free loss (simpo). Writes
-    ``reference_pass.json`` (pairs, seconds, whether the cache answered) and the cache keys."""
+    ``(None, None)`` for SFT and for a reference-free loss (simpo); the held-out pass is skipped
+    (``None``) when the run never evaluates (``eval_every: 0``). Writes ``reference_pass.json``
+    (pairs, seconds, whether the cache answered) and the cache keys."""
     if cfg.train.stage == "sft" or cfg.train.loss_type in REFERENCE_FREE:
         return None, None
     cache_root, timing, values = reference_cache_root(), {}, []
     revision = model_revision(accelerator.unwrap_model(model))
-    for name, examples in (("train", train_examples), ("eval", eval_examples)):
+    passes = [("train", train_examples)] + ([("eval", eval_examples)] if cfg.train.eval_every else [])
+    for name, examples in passes:
         key = reference_cache_key(cfg, examples, reference_adapter, revision)
         cached = (cache_root / f"{key}.pt").is_file()
         started = time.perf_counter()
@@ -199,7 +201,7 @@ def reference_passes(model, train_examples, eval_examples, cfg: Config, referenc
     if accelerator.is_main_process:
         (folder / "reference_pass.json").write_text(json.dumps(timing, indent=1) + "\n")
     accelerator.wait_for_everyone()
-    return values[0], values[1]
+    return values[0], (values[1] if len(values) > 1 else None)
 
 
 def step_outside_a_run(cfg: Config, examples, progress: bool = False):
