@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.cli import command
+from ..core.cli import command, parse_run_arguments
 from ..core.config import RUNS_DIR, Config, load_config
 from ..core.errors import ConfigError
 from ..core.runs import is_complete
@@ -103,11 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("sweep")
     parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
     parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--only", default=None,
                         help="comma-separated run names: train (and copy) only these")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_run_arguments(parser, argv)
     cfg = load_config(args.profile, overrides=args.overrides)
     only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
     for name, folder in run_sweep(args.sweep, cfg, args.out, not args.no_progress,
