@@ -2,7 +2,7 @@
 
     python benchmarks/step_profile.py                       # cpu profile, DPO, real pairs if set
     python benchmarks/step_profile.py --profile cpu-hh --batch 8 --steps 2 --json out.json
-    python benchmarks/step_profile.py dequantized_base=false   # key=value overrides of the run
+    python benchmarks/step_profile.py chunked_head=false      # key=value overrides of the run
 
 Sets the run up as the trainer does (:func:`dpo_lib.training.train.step_outside_a_run`), takes one
 warm-up step, then profiles ``--steps`` steps of :func:`dpo_lib.training.step.training_step`,

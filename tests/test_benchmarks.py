@@ -173,3 +173,15 @@ def test_unknown_variants_are_refused():
     done = subprocess.run([*COMPARE, "--variants", "ours,agreemnt"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown variant or stage agreemnt" in done.stderr
+
+
+def test_step_levers_runs_the_trainers_step():
+    """benchmarks/step_levers.py takes the trainer's step: from a fresh adapter (LoRA B = 0) the
+    policy is the reference, so the warm-up step's DPO loss is log 2 (a formula, not a record)."""
+    done = subprocess.run([sys.executable, "benchmarks/step_levers.py", "default", "--profile",
+                           "tiny", "--steps", "1", "--batch", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm_up = re.search(r"warm-up: [\d.]+ s, loss ([\d.]+)", done.stdout)
+    assert warm_up and abs(float(warm_up.group(1)) - 0.693147) < 1e-5, done.stdout
+    assert re.search(r"default: [\d.]+ s per step over 1 steps", done.stdout), done.stdout

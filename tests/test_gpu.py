@@ -161,6 +161,25 @@ def test_cuda_double_quantization_equals_the_reference():
 
 @cuda
 @pytest.mark.cuda
+def test_cuda_and_cpu_dequantize_the_same_nf4_weights_to_the_same_values():
+    """A GPU run's adapter is merged on a CPU (dpo_lib.deploy.export): that is right only if the
+    CPU dequantizes NF4 (with double quantization) to the values the GPU trained against. The same
+    packed codes and quantization state, dequantized on each device."""
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 768) * 0.02
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, state = F.quantize_4bit(weight.to(dtype).cuda(), blocksize=64, quant_type="nf4",
+                                        compress_statistics=True)
+        on_gpu = F.dequantize_4bit(packed, state).cpu()
+        state.to("cpu")
+        on_cpu = F.dequantize_4bit(packed.cpu(), state)
+        assert torch.equal(on_gpu, on_cpu), dtype
+
+
+@cuda
+@pytest.mark.cuda
 def test_fp16_compute_gives_finite_dpo_logps():
     cfg = load_config("gpu-smoke", overrides={"model.compute_dtype": "float16",
                                               "train.mixed_precision": "fp16"})

@@ -62,3 +62,24 @@ def test_agreement_and_kappa_by_hand():
     assert result["agreement"] == 0.75 and result["table"]["comply"]["refuse"] == 1
     # expected agreement: hand (r .25, c .5, d .25) x judge (r .5, c .25, d .25) = .125+.125+.0625
     assert result["kappa"] == pytest.approx((0.75 - 0.3125) / (1 - 0.3125))
+
+
+def test_run_notebook_executes_and_records_time_and_the_kernels_peak_memory(tmp_path):
+    """The tutorial runner: a two-cell notebook executed in a kernel, its copy written, its wall
+    time and the kernel's own peak resident memory recorded (the kernel allocates 200 MB, so its
+    peak is at least that)."""
+    import json
+
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import numpy as np\nblock = np.ones(25_000_000)  # 200 MB"),
+        nbformat.v4.new_code_cell("print(block.sum())")])
+    source = tmp_path / "00_probe.ipynb"
+    nbformat.write(notebook, source)
+    record = tmp_path / "runtimes.json"
+    figures = report.run_notebook(source, tmp_path / "out", "tiny", record)
+    executed = nbformat.read(tmp_path / "out" / "00_probe.ipynb", as_version=4)
+    assert executed.cells[1].outputs[0]["text"].strip() == "25000000.0"
+    assert figures["peak_mb"] >= 200 and 0 < figures["seconds"] < 120
+    assert json.loads(record.read_text())["tiny"]["00_probe"] == figures

@@ -156,6 +156,7 @@ def test_metrics_file_keys_and_saved_config(tmp_path):
         assert 0 <= record["padding_fraction"] < 1
     timing = json.loads((result.output_dir / "reference_pass.json").read_text())
     assert timing["train"]["pairs"] > 0 and timing["train"]["seconds"] > 0
+    assert timing["eval"]["pairs"] > 0  # it evaluates, so the held-out pairs have a reference
     assert load_config(str(result.output_dir / "config.yaml")).to_dict() == cfg.to_dict()
     assert (result.output_dir / "adapter" / "adapter_config.json").is_file()
 
@@ -215,6 +216,8 @@ def test_cli_selects_the_new_losses(tmp_path):
         saved = load_config(str(out / "config.yaml"))
         assert saved.train.loss_type == loss_type
         assert (out / "reference_pass.json").is_file() == (loss_type == "rpo")
+        if loss_type == "rpo":  # a run that never evaluates takes no held-out reference pass
+            assert set(json.loads((out / "reference_pass.json").read_text())) == {"train"}
 
 
 def test_two_processes_equal_one_with_double_accumulation(tmp_path):

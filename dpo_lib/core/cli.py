@@ -37,3 +37,14 @@ def command(name: str):
                 return 1
         return run
     return wrap
+
+
+def parse_run_arguments(parser, argv=None):
+    """The run tools' common ending of their arguments: ``key=value`` overrides and
+    ``--no-progress`` (every progress bar off, the libraries' own included), then parse."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    if args.no_progress:
+        os.environ["DPO_PROGRESS"] = "0"
+    return args

@@ -209,3 +209,39 @@ def load_sweep_runs(folder) -> dict[str, tuple]:
     if not runs:
         raise MissingFileError(f"no run logs (*/metrics.jsonl) under {folder}")
     return runs
+
+
+def seed_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """``(mean, half-width)`` of per-seed values: the Student-t interval ``mean -+ t s / sqrt(n)``
+    (``n - 1`` degrees of freedom; the half-width of :func:`seed_summary`). With one value the
+    half-width is NaN: one run has no interval of its own."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2:
+        return (float(values.mean()) if n else float("nan")), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return float(values.mean()), float(half)
+
+
+def seed_difference(a, b, confidence: float = 0.95) -> dict:
+    """Two groups of per-seed values (e.g. each seed's end accuracy under DPO and under IPO):
+    ``mean(a) - mean(b)`` with Welch's t interval and two-sided p (unequal variances, the seed as
+    the unit: use this where the logs hold per-step means only; with per-pair outcomes compare
+    over pairs instead, :func:`dpo_lib.lessons.stats.compare_over_prompts`). Both groups without
+    spread give the exact difference, an interval of width 0 and ``p`` 0 (or 1 if equal)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    difference = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"difference": difference, "low": float("nan"), "high": float("nan"),
+                "p": float("nan"), "n": (len(a), len(b)), "confidence": confidence}
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return {"difference": difference, "low": difference, "high": difference,
+                "p": float(difference == 0), "n": (len(a), len(b)), "confidence": confidence}
+    test = stats.ttest_ind(a, b, equal_var=False)
+    interval = test.confidence_interval(confidence)
+    return {"difference": difference, "low": float(interval.low), "high": float(interval.high),
+            "p": float(test.pvalue), "n": (len(a), len(b)), "confidence": confidence}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.cli import command
+from ..core.cli import command, parse_run_arguments
 from ..core.config import RUNS_DIR, Config, load_config
 from ..core.errors import ConfigError
 from ..core.runs import is_complete
@@ -80,9 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("sweep")
     parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
     parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_run_arguments(parser, argv)
     cfg = load_config(args.profile, overrides=args.overrides)
     for name, folder in run_sweep(args.sweep, cfg, args.out, not args.no_progress).items():
         print(f"{name}: {folder}")

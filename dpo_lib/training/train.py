@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..core.batches import batch_indices, load_examples, sft_examples
-from ..core.cli import command
+from ..core.cli import command, parse_run_arguments
 from ..core.config import Config, load_config
 from ..core.errors import DataError, MissingFileError
 from ..core.layouts import layout_for, pair_layout
@@ -178,13 +178,15 @@ def reference_passes(model, train_examples, eval_examples, cfg: Config, referenc
                      folder: Path, accelerator, progress: bool = True):
     """The reference log-probs of the training and the held-out pairs (the prepared model, its
     adapter off unless it started from an SFT adapter, under the run's autocast), each cached;
-    ``(None, None)`` for SFT and for a reference-free loss (simpo). Writes
-    ``reference_pass.json`` (pairs, seconds, whether the cache answered) and the cache keys."""
+    ``(None, None)`` for SFT and for a reference-free loss (simpo); the held-out pass is skipped
+    (``None``) when the run never evaluates (``eval_every: 0``). Writes ``reference_pass.json``
+    (pairs, seconds, whether the cache answered) and the cache keys."""
     if cfg.train.stage == "sft" or cfg.train.loss_type in REFERENCE_FREE:
         return None, None
     cache_root, timing, values = reference_cache_root(), {}, []
     revision = model_revision(accelerator.unwrap_model(model))
-    for name, examples in (("train", train_examples), ("eval", eval_examples)):
+    passes = [("train", train_examples)] + ([("eval", eval_examples)] if cfg.train.eval_every else [])
+    for name, examples in passes:
         key = reference_cache_key(cfg, examples, reference_adapter, revision)
         cached = (cache_root / f"{key}.pt").is_file()
         started = time.perf_counter()
@@ -199,7 +201,7 @@ def reference_passes(model, train_examples, eval_examples, cfg: Config, referenc
     if accelerator.is_main_process:
         (folder / "reference_pass.json").write_text(json.dumps(timing, indent=1) + "\n")
     accelerator.wait_for_everyone()
-    return values[0], values[1]
+    return values[0], (values[1] if len(values) > 1 else None)
 
 
 def step_outside_a_run(cfg: Config, examples, progress: bool = False):
@@ -281,9 +283,7 @@ def main(argv=None) -> int:
                     "(tiny, cpu, gpu, auto) or a YAML recipe; key=value pairs override single "
                     "keys (dotted, or a unique leaf name: output_dir=runs/x loss_type=ipo).")
     parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_run_arguments(parser, argv)
     cfg = load_config(args.config, overrides=args.overrides)
     result = train(cfg, progress=not args.no_progress)
     if result.metrics:
