@@ -388,3 +388,10 @@ def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
     weights = load_file(merged / "model.safetensors")
     assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all()
                            for v in weights.values())
+
+def test_shown_path_names_no_folder_of_the_machine(tmp_path, monkeypatch):
+    from dpo_lib.core.config import REPO_ROOT
+
+    assert export.shown_path(REPO_ROOT / "runs" / "cpu-dpo" / "export") == "runs/cpu-dpo/export"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert export.shown_path(tmp_path / ".cache" / "dpo_lib" / "x") == "~/.cache/dpo_lib/x"
