@@ -55,8 +55,39 @@ def test_filter_pairs_drops_the_top_scores_or_a_seeded_draw():
     assert drawn != ches.filter_pairs(100, 0.2, "random", seed=4)
     with pytest.raises(ValueError, match="pair_filter_share"):
         ches.filter_pairs(5, 1.0, "ches", scores)
-    with pytest.raises(ValueError, match="null, ches or random"):
+    with pytest.raises(ValueError, match="null, ches, random or file"):
         ches.filter_pairs(5, 0.2, "chess", scores)
+
+
+def test_filter_pairs_drops_the_indices_a_file_names():
+    assert ches.filter_pairs(6, 0.0, "file", dropped=[4, 1]) == [0, 2, 3, 5]
+    assert ches.filter_pairs(6, 0.0, "file", dropped=[]) == list(range(6))
+    for bad, message in (([6], "not indices"), ([-1], "not indices"), ([1.0], "not indices"),
+                         ([True], "not indices"), ([2, 2], "twice"),
+                         (list(range(6)), "all 6 pairs")):
+        with pytest.raises(ValueError, match=message):
+            ches.filter_pairs(6, 0.0, "file", dropped=bad)
+
+
+def test_read_drop_file_takes_a_list_or_a_record_and_checks_its_pool(tmp_path):
+    import json
+
+    from dpo_lib.core.errors import DataError, MissingFileError
+
+    plain, record = tmp_path / "plain.json", tmp_path / "record.json"
+    plain.write_text("[3, 0]")
+    record.write_text(json.dumps({"dropped": [1, 2], "pool": 10, "source": "bundled"}))
+    assert ches.read_drop_file(plain, 10) == [3, 0]
+    assert ches.read_drop_file(record, 10, "bundled") == [1, 2]
+    with pytest.raises(DataError, match="pool of 10 pairs; this run's pool has 12"):
+        ches.read_drop_file(record, 12)
+    with pytest.raises(DataError, match="made for data 'bundled'"):
+        ches.read_drop_file(record, 10, "hh-rlhf:harmless-base/test.jsonl.gz")
+    with pytest.raises(MissingFileError, match="no file"):
+        ches.read_drop_file(tmp_path / "none.json", 10)
+    (tmp_path / "bad.json").write_text('{"kept": [1]}')
+    with pytest.raises(DataError, match="expected a list"):
+        ches.read_drop_file(tmp_path / "bad.json", 10)
 
 
 def test_spearman_by_hand():

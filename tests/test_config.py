@@ -39,7 +39,7 @@ CHOICES = {
     "model.compute_dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.order": ("file", "shuffled"),
     "data.eval_split": ("test", "dev"),
-    "data.pair_filter": ("ches", "random"),
+    "data.pair_filter": ("ches", "random", "file"),
     "train.stage": ("sft", "preference"),
     "train.loss_type": ("dpo", "cdpo", "ipo", "rpo", "simpo"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
@@ -64,8 +64,10 @@ def test_a_value_outside_a_keys_set_is_refused_when_the_config_loads(key):
         load_config("tiny", overrides={key: CHOICES[key][0] + "x"})
     message = str(info.value)
     assert key in message and all(value in message for value in CHOICES[key]), message
-    for value in CHOICES[key]:                  # every allowed value loads
-        assert load_config("tiny", overrides={key: value}).get_path(key) == value
+    for value in CHOICES[key]:                  # every allowed value loads (with what it needs)
+        needs = {"data.pair_filter_file": "drops.json"} if (key, value) == ("data.pair_filter",
+                                                                     "file") else {}
+        assert load_config("tiny", overrides={key: value, **needs}).get_path(key) == value
 
 
 def test_the_choices_are_the_ones_the_code_implements():
@@ -87,6 +89,11 @@ def test_the_choices_are_the_ones_the_code_implements():
     ({"train.loss_type": "cdpo", "train.label_smoothing": 0.5}, r"\[0, 0.5\)"),
     ({"train.rpo_alpha": -1.0}, "rpo_alpha must be >= 0"),
     ({"data.pair_filter_share": 1.0}, "pair_filter_share"),
+    ({"data.pair_filter": "file"}, "set both or neither"),
+    ({"data.pair_filter_file": "drops.json"}, "set both or neither"),
+    ({"data.pair_filter": "ches", "data.pair_filter_file": "drops.json"}, "set both or neither"),
+    ({"data.pair_filter": "file", "data.pair_filter_file": "drops.json",
+      "data.pair_filter_share": 0.2}, "leave data.pair_filter_share at 0"),
     ({"data.test_fraction": 0.0}, "test_fraction must be in"),
     ({"data.dev_fraction": 0.2}, "dev_fraction=0.2 needs a test_fraction"),
     ({"data.test_fraction": 0.6, "data.dev_fraction": 0.5}, "below 1"),

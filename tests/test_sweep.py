@@ -49,3 +49,34 @@ def test_bad_sweep_file(tmp_path):
         sweep.load_sweep(file)
     with pytest.raises(FileNotFoundError):
         analysis.load_sweep_runs(tmp_path)
+
+
+def test_a_sweep_files_relative_drop_file_is_read_from_its_folder(tmp_path):
+    folder = tmp_path / "sweeps"
+    (folder / "drops").mkdir(parents=True)
+    file = folder / "sweep.yaml"
+    file.write_text("runs:\n  a: {pair_filter: file, pair_filter_file: drops/a.json}\n"
+                    f"  b: {{pair_filter: file, pair_filter_file: {tmp_path / 'b.json'}}}\n"
+                    "  c: {data.pair_filter_file: drops/c.json, pair_filter: file}\n")
+    runs = sweep.load_sweep(file)
+    assert runs["a"]["pair_filter_file"] == str(folder / "drops" / "a.json")
+    assert runs["b"]["pair_filter_file"] == str(tmp_path / "b.json")        # absolute: as given
+    assert runs["c"]["data.pair_filter_file"] == str(folder / "drops" / "c.json")
+    cfg = sweep.config_of_run(load_config("tiny"), "a", runs["a"])
+    assert cfg.data.pair_filter_file == str(folder / "drops" / "a.json")
+
+
+def test_only_trains_the_named_runs(tmp_path, monkeypatch):
+    file = tmp_path / "sweep.yaml"
+    file.write_text("runs:\n  a: {seed: 0}\n  b: {seed: 1}\n  c: {seed: 2}\n")
+    runs = sweep.load_sweep(file)
+    assert list(sweep.select_runs(runs, ["c", "a"])) == ["a", "c"]      # the file's order
+    assert sweep.select_runs(runs, None) == runs
+    with pytest.raises(ValueError, match="no run d in the sweep"):
+        sweep.select_runs(runs, ["a", "d"])
+    trained = []
+    monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: trained.append(cfg.seed))
+    status = sweep.main([str(file), "--profile", "tiny", "--only", "b", "--no-progress"])
+    assert status == 0 and trained == [1]
+    from dpo_lib.lessons import compare
+    assert list(compare.sweep_runs(load_config("tiny"), file, ["c"])) == ["SFT", "C"]

@@ -591,6 +591,34 @@ def test_pair_filter_drops_its_share_before_the_reference_pass(tmp_path, monkeyp
             record["dropped"]
 
 
+def test_pair_filter_file_trains_on_the_pool_without_the_named_pairs(tmp_path, monkeypatch):
+    """The reference pass (and so training) sees exactly the pool's other pairs, in order: checked
+    against the pool tokenized here, independently of the filter."""
+    from dpo_lib.core.models import load_tokenizer
+
+    seen = []
+    original = train_lib.reference_pass
+
+    def keeping(model, examples, *args, **kwargs):
+        seen.append([e["chosen_input_ids"] for e in examples])
+        return original(model, examples, *args, **kwargs)
+    monkeypatch.setattr(train_lib, "reference_pass", keeping)
+    drops = tmp_path / "drops.json"
+    drops.write_text(json.dumps({"dropped": [0, 5, 39], "pool": 40, "source": "bundled"}))
+    cfg = tiny(tmp_path, "file", stage="preference", preference_steps=1, train_limit=40,
+               pair_filter="file", pair_filter_file=str(drops))
+    result = train_lib.train(cfg, progress=False)
+    record = json.loads((result.output_dir / "pair_filter.json").read_text())
+    assert (record["pair_filter"], record["file"], record["pool"], record["kept"],
+            record["dropped"]) == ("file", str(drops), 40, 37, [0, 5, 39])
+    _, pool, _ = load_examples(cfg, load_tokenizer(cfg), "train", 40)
+    assert seen[0] == [e["chosen_input_ids"] for i, e in enumerate(pool) if i not in (0, 5, 39)]
+    drops.write_text(json.dumps({"dropped": [1], "pool": 400}))     # made for another pool
+    with pytest.raises(ValueError, match="pool of 400 pairs; this run's pool has 40"):
+        train_lib.train(cfg.with_overrides({"output_dir": str(tmp_path / "other")}),
+                        progress=False)
+
+
 def test_the_runs_seed_drives_the_lora_initialisation(tmp_path):
     """The base model's random weights come from model.init_seed in their own generator; LoRA's
     initialisation from the run's seed. Step 1 of the warm-up has learning rate 0, so the saved

@@ -68,10 +68,15 @@ class DataSettings:
                                               "or dev (the slice choices are made on)")
     max_length: int = _key(128, "tokens of prompt + answer; longer pairs are truncated")
     max_prompt_length: int = _key(96, "tokens the prompt keeps (its end) when a pair is too long")
-    pair_filter: Optional[Literal["ches", "random"]] = _key(
-        None, "preference stage: null | ches | random: drop a share of the training pairs first")
-    pair_filter_share: float = _key(0.0, "that share: ches drops the highest CHES scores "
-                                    "(dpo_lib.training.ches), random a seeded draw")
+    pair_filter: Optional[Literal["ches", "random", "file"]] = _key(
+        None, "preference stage: null | ches | random | file: drop training pairs first")
+    pair_filter_share: float = _key(0.0, "ches and random: the share dropped; ches drops the "
+                                    "highest CHES scores (dpo_lib.training.ches), random a "
+                                    "seeded draw")
+    pair_filter_file: Optional[str] = _key(
+        None, "pair_filter=file: a JSON file naming the pool's indices to drop (a list, or an "
+        "object with 'dropped', e.g. another run's pair_filter.json); a relative path is read "
+        "from the working directory (in a sweep file: from the sweep file's folder)")
 
 
 @dataclass
@@ -248,6 +253,12 @@ def check_values(cfg) -> None:
         (train.rpo_alpha >= 0, f"train.rpo_alpha must be >= 0; got {train.rpo_alpha}"),
         (0 <= data.pair_filter_share < 1,
          f"data.pair_filter_share must be in [0, 1); got {data.pair_filter_share}"),
+        ((data.pair_filter == "file") == (data.pair_filter_file is not None),
+         f"data.pair_filter_file ({data.pair_filter_file}) goes with data.pair_filter=file "
+         f"(this config has {data.pair_filter}): set both or neither"),
+        (data.pair_filter != "file" or data.pair_filter_share == 0,
+         f"data.pair_filter=file drops the indices its file names: leave "
+         f"data.pair_filter_share at 0 (got {data.pair_filter_share})"),
         (data.test_fraction is None or 0 < data.test_fraction < 1,
          f"data.test_fraction must be in (0, 1); got {data.test_fraction}"),
         (data.dev_fraction is None or (data.test_fraction is not None and 0 < data.dev_fraction

@@ -319,13 +319,14 @@ def good_answer_tests(labels: dict[str, list[str]], against: str = "SFT") -> lis
     return rows
 
 
-def sweep_runs(cfg: Config, sweep_file) -> dict[str, Path]:
-    """Display name -> run folder for a sweep's runs (names upper-cased, ``dpo-s0`` ->
-    ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's start and reference."""
-    from ..training.sweep import config_of_run, load_sweep
+def sweep_runs(cfg: Config, sweep_file, only=None) -> dict[str, Path]:
+    """Display name -> run folder for a sweep's runs (or those named in ``only``; names
+    upper-cased, ``dpo-s0`` -> ``DPO-S0``), after ``"SFT"``: the profile's SFT run, the sweep's
+    start and reference."""
+    from ..training.sweep import config_of_run, load_sweep, select_runs
 
     runs = {"SFT": RUNS_DIR / f"{cfg.profile}-sft"}
-    for name, overrides in load_sweep(sweep_file).items():
+    for name, overrides in select_runs(load_sweep(sweep_file), only).items():
         runs[name.upper()] = Path(config_of_run(cfg, name, overrides).train.output_dir)
     return runs
 
@@ -349,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", type=Path, default=None,
                         help="a sweep file: its runs (runs/<profile>-sweep-<name>) and the "
                              "profile's SFT run, besides any name=RUN_DIR")
+    parser.add_argument("--only", default=None,
+                        help="with --sweep: comma-separated names of the sweep's runs to compare")
     parser.add_argument("--judge", type=int, default=0,
                         help="judge the greedy answers to this many held-out prompts (bundled: "
                              "its checker; hh-rlhf: the rule judge, and the helpful requests)")
@@ -365,7 +368,9 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     runs = {}
     if args.sweep is not None:
-        runs = sweep_runs(cfg, args.sweep)
+        only = None if args.only is None else [n.strip() for n in args.only.split(",")
+                                               if n.strip()]
+        runs = sweep_runs(cfg, args.sweep, only)
         missing = [str(folder) for folder in runs.values()
                    if not (folder / "adapter" / "adapter_config.json").is_file()]
         if missing:

@@ -16,13 +16,14 @@ the *centered hidden embedding similarity* is ::
 the larger CHES is: the step pushes the hidden states along ``s_w - s_l``, and
 ``<s_w - s_l, s_w> = -CHES`` is how much of that push points along the chosen answer. The scores are computed with the model
 training starts from (SFT), before any step; :func:`filter_pairs` drops the highest share, which
-is the filter of their section 6 (they use ``CHES_norm``; both are returned).
+is the filter of their section 6 (they use ``CHES_norm``; both are returned), or, as controls, a
+seeded random share or the indices a file names (:func:`read_drop_file`).
 """
 from __future__ import annotations
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DataError, MissingFileError
 
 
 #: The score :func:`filter_pairs` ranks by.
@@ -63,11 +64,13 @@ def ches_scores(chosen_sums: torch.Tensor, rejected_sums: torch.Tensor,
 
 
 def filter_pairs(count: int, share: float, how: str, scores: torch.Tensor | None = None,
-                 seed: int = 0) -> list[int]:
-    """Indices (in order) of the pairs kept when ``round(share * count)`` of ``count`` are dropped.
+                 seed: int = 0, dropped: list[int] | None = None) -> list[int]:
+    """Indices (in order) of the pairs kept of ``count``.
 
-    ``how="ches"``: the highest ``scores [count]`` go (ties: the later index); ``"random"``: a
-    seeded uniform draw goes (the control for "fewer, different pairs").
+    ``how="ches"``: the ``round(share * count)`` highest ``scores [count]`` go (ties: the later
+    index); ``"random"``: a seeded uniform draw of as many goes (the control for "fewer, different
+    pairs"); ``"file"``: the indices ``dropped`` go (a list made elsewhere, e.g. a control drawn
+    per kind of pair: :func:`read_drop_file`), each an index of the pool, none twice.
     """
     if not 0.0 <= share < 1.0:
         raise ConfigError(f"data.pair_filter_share must be in [0, 1); got {share}")
@@ -76,13 +79,56 @@ def filter_pairs(count: int, share: float, how: str, scores: torch.Tensor | None
         if scores is None or len(scores) != count:
             raise ValueError("pair_filter=ches needs one score per pair")
         order = sorted(range(count), key=lambda i: (-float(scores[i]), -i))
-        dropped = set(order[:drop])
+        gone = set(order[:drop])
     elif how == "random":
         generator = torch.Generator().manual_seed(seed)
-        dropped = set(torch.randperm(count, generator=generator)[:drop].tolist())
+        gone = set(torch.randperm(count, generator=generator)[:drop].tolist())
+    elif how == "file":
+        if dropped is None:
+            raise ValueError("pair_filter=file needs the list of dropped indices")
+        bad = [i for i in dropped if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < count]
+        if bad:
+            raise DataError(f"pair_filter=file: {len(bad)} entries are not indices of the pool "
+                            f"of {count} pairs (the first: {bad[0]!r})")
+        if len(set(dropped)) != len(dropped):
+            raise DataError("pair_filter=file: an index is listed twice")
+        if len(dropped) >= count:
+            raise DataError(f"pair_filter=file drops all {count} pairs of the pool")
+        gone = set(dropped)
     else:
-        raise ConfigError(f"data.pair_filter={how!r}: choose null, ches or random")
-    return [i for i in range(count) if i not in dropped]
+        raise ConfigError(f"data.pair_filter={how!r}: choose null, ches, random or file")
+    return [i for i in range(count) if i not in gone]
+
+
+def read_drop_file(path, pool: int, source: str | None = None) -> list[int]:
+    """The indices a ``pair_filter=file`` run drops, from ``path``: a JSON list of indices, or an
+    object whose ``dropped`` is one (another run's ``pair_filter.json``, or a file of
+    :mod:`dpo_lib.lessons.controls`). Where the object records the ``pool`` size (or the data
+    ``source``) it was made for, a different one is refused: the indices would name other pairs."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"data.pair_filter_file: no file {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"data.pair_filter_file {path}: not JSON ({error})") from None
+    if isinstance(content, dict):
+        if content.get("pool") is not None and content["pool"] != pool:
+            raise DataError(f"data.pair_filter_file {path} was made for a pool of "
+                            f"{content['pool']} pairs; this run's pool has {pool} "
+                            f"(data.train_limit)")
+        if source is not None and content.get("source") not in (None, source):
+            raise DataError(f"data.pair_filter_file {path} was made for data "
+                            f"{content['source']!r}; this run reads {source!r}")
+        content = content.get("dropped")
+    if not isinstance(content, list):
+        raise DataError(f"data.pair_filter_file {path}: expected a list of indices, or an "
+                        "object with 'dropped'")
+    return content
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

@@ -31,15 +31,25 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "reference_pass.json", "run_time.js
              "pair_filter.json")
 
 
+#: Override keys whose relative paths a sweep file gives from its own folder.
+FILE_KEYS = ("pair_filter_file", "data.pair_filter_file")
+
+
 def load_sweep(path) -> dict[str, dict]:
-    """Run name -> overrides (the file's ``common`` ones first), from a sweep file."""
+    """Run name -> overrides (the file's ``common`` ones first), from a sweep file. A relative
+    ``pair_filter_file`` is read from the sweep file's folder (made absolute here)."""
     content = yaml.safe_load(Path(path).read_text()) or {}
     runs, common = content.get("runs"), content.get("common") or {}
     if not isinstance(runs, dict) or not runs:
         raise ConfigError(f"{path}: expected a mapping 'runs: {{name: {{key: value}}}}'")
     if not isinstance(common, dict):
         raise ConfigError(f"{path}: 'common' must be a mapping of overrides")
-    return {name: {**common, **(overrides or {})} for name, overrides in runs.items()}
+    sweeps = {name: {**common, **(overrides or {})} for name, overrides in runs.items()}
+    for overrides in sweeps.values():
+        for key in FILE_KEYS:
+            if isinstance(overrides.get(key), str) and not Path(overrides[key]).is_absolute():
+                overrides[key] = str((Path(path).parent / overrides[key]).resolve())
+    return sweeps
 
 
 def config_of_run(cfg: Config, name: str, overrides: dict) -> Config:
@@ -52,12 +62,25 @@ def config_of_run(cfg: Config, name: str, overrides: dict) -> Config:
                                                        f"{cfg.profile}-sweep-{name}")})
 
 
-def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True) -> dict[str, Path]:
-    """Run every run of the sweep that is not complete yet; return name -> run folder."""
+def select_runs(runs: dict, only=None) -> dict:
+    """The runs named in ``only`` (all when it is ``None``), in the sweep file's order; a name
+    the sweep does not have is refused."""
+    if only is None:
+        return runs
+    unknown = [name for name in only if name not in runs]
+    if unknown:
+        raise ConfigError(f"no run {', '.join(unknown)} in the sweep (it has {', '.join(runs)})")
+    return {name: overrides for name, overrides in runs.items() if name in only}
+
+
+def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True,
+              only=None) -> dict[str, Path]:
+    """Run every run of the sweep (or of its runs named in ``only``) that is not complete yet;
+    return name -> run folder."""
     from .train import train
 
     folders = {}
-    for name, overrides in load_sweep(sweep_path).items():
+    for name, overrides in select_runs(load_sweep(sweep_path), only).items():
         run_cfg = config_of_run(cfg, name, overrides)
         if not is_complete(run_cfg.train.output_dir, run_cfg):
             if progress:
@@ -80,9 +103,13 @@ def main(argv=None) -> int:
     parser.add_argument("sweep")
     parser.add_argument("--profile", default=None, help="profile (default: $DPO_PROFILE/auto)")
     parser.add_argument("--out", default=None, help="copy each run's logs to OUT/<name>/")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated run names: train (and copy) only these")
     args = parse_run_arguments(parser, argv)
     cfg = load_config(args.profile, overrides=args.overrides)
-    for name, folder in run_sweep(args.sweep, cfg, args.out, not args.no_progress).items():
+    only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    for name, folder in run_sweep(args.sweep, cfg, args.out, not args.no_progress,
+                                  only).items():
         print(f"{name}: {folder}")
     return 0
 

@@ -151,23 +151,29 @@ def run_examples(cfg: Config, tokenizer) -> tuple[list, list]:
 
 def filter_training_pairs(model, examples, cfg: Config, folder: Path, accelerator,
                           progress: bool = True) -> list:
-    """The training pairs left after ``data.pair_filter`` (``ches`` or ``random``) drops
-    ``data.pair_filter_share`` of them, scored with the model training starts from
-    (:mod:`dpo_lib.training.ches`). Writes ``pair_filter.json`` (every pair's scores, the dropped
-    indices) into the run folder."""
+    """The training pairs left after ``data.pair_filter`` drops some (:mod:`dpo_lib.training.ches`):
+    ``ches`` or ``random`` drop ``data.pair_filter_share`` of them (``ches``: scored with the model
+    training starts from), ``file`` the indices ``data.pair_filter_file`` names. Writes
+    ``pair_filter.json`` (every pair's scores where scored, the dropped indices) into the run
+    folder."""
     from . import ches
 
     how, share = cfg.data.pair_filter, float(cfg.data.pair_filter_share)
-    scores = None
+    scores, named, extra = None, None, {}
     if how == "ches":
         sums = ches.answer_hidden_sums(model, examples, pair_layout(cfg),
                                        cfg.train.eval_batch_size, accelerator, progress)
         scores = ches.ches_scores(**sums)
+    elif how == "file":
+        path = Path(cfg.data.pair_filter_file)
+        named = ches.read_drop_file(path, len(examples), str(cfg.data.source))
+        extra = {"file": str(path)}
     kept = ches.filter_pairs(len(examples), share, how,
-                             None if scores is None else scores[ches.FILTER_SCORE], cfg.seed)
+                             None if scores is None else scores[ches.FILTER_SCORE], cfg.seed,
+                             dropped=named)
     if accelerator.is_main_process:
-        record = {"pair_filter": how, "share": share, "pool": len(examples), "kept": len(kept),
-                  "dropped": sorted(set(range(len(examples))) - set(kept)),
+        record = {"pair_filter": how, "share": share, **extra, "pool": len(examples),
+                  "kept": len(kept), "dropped": sorted(set(range(len(examples))) - set(kept)),
                   "score": ches.FILTER_SCORE if scores is not None else None,
                   **({name: values.tolist() for name, values in scores.items()} if scores else {})}
         (folder / "pair_filter.json").write_text(json.dumps(record) + "\n")
