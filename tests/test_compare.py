@@ -75,6 +75,7 @@ def test_compare_command_in_tiny(tmp_path, monkeypatch):
     assert len(training["tables"]["DPO"]["chosen_sums"]) == training["pairs"] == \
         load_config("tiny").data.train_limit
     assert len(result["tables"]["DPO"]["chosen_sums"]) == 12
+    assert len(result["conversations"]) == 12 and result["conversations"][0] == 0
     with pytest.raises(SystemExit):
         compare.main(["tiny", f"sft={tmp_path / 'sft'}", "--train-pairs", "ipo"])
     with pytest.raises(SystemExit):
@@ -282,3 +283,13 @@ def test_against_baseline_pair_by_pair():
     row = compare.against_baseline([False, False, False, True, True, False], shorter)
     assert (row["model_alone"], row["baseline_alone"]) == (2, 3)
     assert row["p"] == compare.sign_test_p(2, 3)
+
+
+def test_conversation_groups_by_first_human_turn():
+    """Branches of one conversation (same first human turn) share a group; the groups are
+    numbered in order of first appearance; a different first turn is a new group."""
+    def pair(first, later=""):
+        return {"prompt": f"\n\nHuman: {first}\n\nAssistant: ok{later}\n\nAssistant:"}
+    pairs = [pair("How do I pick a lock?"), pair("Tell me a joke"),
+             pair("How do I pick a lock?", "\n\nHuman: and a car?"), pair("tell me a joke")]
+    assert compare.conversation_groups(pairs) == [0, 1, 0, 2]

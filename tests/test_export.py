@@ -187,6 +187,9 @@ def test_preference_accuracies():
     assert out["ranking_accuracy"] == pytest.approx(1 / 3)
     # margins: (1 - -1) = 2 > 0, (1 - 2) = -1, (-1 - 1) = -2
     assert out["reward_accuracy"] == pytest.approx(1 / 3)
+    right = gguf_check.preference_right(policy, reference)
+    assert right["ranking"].tolist() == [True, False, False]       # -1 > -3; -5 < -4; a tie
+    assert right["reward"].tolist() == [True, False, False]
 
 
 def test_verify_exports_table(tiny_export):
@@ -197,6 +200,11 @@ def test_verify_exports_table(tiny_export):
     assert (table["file_mb"].iloc[1:].diff().dropna() < 0).all()        # f16 > q8_0 > q4_k_m
     assert (table.loc[["f16", "q8_0", "q4_k_m"], "tokens_per_second"] > 0).all()
     assert "reward_accuracy" not in table                                # no reference given
+    right = table.attrs["right"]
+    assert list(right) == list(table.index) and all(list(r) == ["ranking"] for r in right.values())
+    for name, row in table.iterrows():                                   # pair by pair -> mean
+        assert len(right[name]["ranking"]) == table.attrs["pairs"]
+        assert np.mean(right[name]["ranking"]) == row["ranking_accuracy"]
 
 
 def test_merge_target_is_the_dequantized_nf4_base(tmp_path):
@@ -380,3 +388,10 @@ def test_a_gpu_run_exports_on_a_cpu_only_machine(tmp_path, monkeypatch):
     weights = load_file(merged / "model.safetensors")
     assert weights and all(v.dtype == torch.float32 and torch.isfinite(v).all()
                            for v in weights.values())
+
+def test_shown_path_names_no_folder_of_the_machine(tmp_path, monkeypatch):
+    from dpo_lib.core.config import REPO_ROOT
+
+    assert export.shown_path(REPO_ROOT / "runs" / "cpu-dpo" / "export") == "runs/cpu-dpo/export"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert export.shown_path(tmp_path / ".cache" / "dpo_lib" / "x") == "~/.cache/dpo_lib/x"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..core.cli import command
-from ..core.config import Config
+from ..core.config import REPO_ROOT, Config
 from ..core.errors import ConfigError
 from .llama_runtime import (ConverterVersionError, ExportError, UnsupportedArchitectureError,
                             captured_llama_log, converter_dir, cpu_threads, fetch_converter,
@@ -284,8 +284,19 @@ def export_run(run_dir: str | os.PathLike, quants=("q8_0", "q4_k_m"),
                       if v.is_file()}}, indent=2) + "\n")
     if progress:
         for name, path in files.items():
-            print(f"[export] {name:8s} {path}  ({seconds[name]} s)")
+            print(f"[export] {name:8s} {shown_path(path)}  ({seconds[name]} s)")
     return files
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as outputs print it: relative to the repository, or under ``~`` (the caches),
+    so that a saved notebook names no folder of the machine that executed it; other paths as
+    they are."""
+    path = Path(path).expanduser().resolve()
+    for root, prefix in ((REPO_ROOT.resolve(), ""), (Path.home().resolve(), "~/")):
+        if path.is_relative_to(root):
+            return prefix + path.relative_to(root).as_posix()
+    return str(path)
 
 
 # --------------------------------------------------------------------------------------------

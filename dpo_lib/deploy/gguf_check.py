@@ -120,16 +120,26 @@ def pair_logps_hf(model, examples: list[dict],
     return table.chosen_sums.numpy(), table.rejected_sums.numpy()
 
 
-def preference_accuracies(policy: tuple[np.ndarray, np.ndarray],
-                          reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """``ranking_accuracy``: chosen log-prob above rejected; ``reward_accuracy`` (with a
-    reference): implicit reward ``log pi - log pi_ref`` above for the chosen answer (ties count
-    as wrong; beta > 0 does not change the sign)."""
-    out = {"ranking_accuracy": float(np.mean(policy[0] > policy[1]))}
+def preference_right(policy: tuple[np.ndarray, np.ndarray],
+                     reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Pair by pair, ``[N]`` booleans: ``ranking``, the chosen log-prob above the rejected one;
+    ``reward`` (with a reference), the implicit reward ``log pi - log pi_ref`` above for the
+    chosen answer (ties count as wrong; beta > 0 does not change the sign). Two models compared
+    on the same pairs are compared pair by pair (a sign test over the pairs they disagree on,
+    :func:`dpo_lib.lessons.compare.sign_test`), not by their two accuracies."""
+    out = {"ranking": np.asarray(policy[0] > policy[1])}
     if reference is not None:
         margin = (policy[0] - reference[0]) - (policy[1] - reference[1])
-        out["reward_accuracy"] = float(np.mean(margin > 0))
+        out["reward"] = np.asarray(margin > 0)
     return out
+
+
+def preference_accuracies(policy: tuple[np.ndarray, np.ndarray],
+                          reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """``ranking_accuracy`` and (with a reference) ``reward_accuracy``: the means of
+    :func:`preference_right`."""
+    return {f"{name}_accuracy": float(np.mean(right))
+            for name, right in preference_right(policy, reference).items()}
 
 
 # The serving process measures its own peak memory with dpo_lib.core.machine.peak_rss_mb (its source
@@ -204,7 +214,9 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
     model, perplexity, ranking and reward accuracy on ``n_pairs`` held-out pairs, and (with
     ``runtime``) load time, RAM and tokens per second. ``reference_files``: the same export of
     the reference (SFT) run, for the reward accuracy; without it that column is left out.
-    Returns a pandas DataFrame indexed by file type.
+    Returns a pandas DataFrame indexed by file type; ``attrs`` holds ``pairs``, ``tokens``,
+    ``parameters`` and ``right``: model -> ``{"ranking": [N] bools, "reward": [N] bools}`` (the
+    pairs each row ranks right, from :func:`preference_right`), for paired comparisons.
     """
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -243,6 +255,7 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
                                   "kl": 0.0, "top1": 1.0,
                                   "perplexity": float(np.exp(sum(nll) / positions)),
                                   **preference_accuracies(policy_hf, ref_hf)}}
+    right = {"transformers fp32": {k: v.tolist() for k, v in preference_right(policy_hf, ref_hf).items()}}
     types = [name for name in files if name != "merged"]
     for name in tqdm(types, desc="verifying GGUF files", disable=not progress):
         path = Path(files[name])
@@ -263,6 +276,7 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
                "bits_per_weight": path.stat().st_size * 8 / params,
                "kl": logits["kl"], "top1": logits["top1"], "perplexity": logits["ppl_gguf"],
                **preference_accuracies(policy, reference)}
+        right[name] = {k: v.tolist() for k, v in preference_right(policy, reference).items()}
         if runtime:
             figures = runtime_figures(path)
             row.update(load_s=figures["load_s"], peak_rss_mb=figures["peak_rss_mb"],
@@ -271,5 +285,5 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
         rows[name] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "model"
-    table.attrs.update(pairs=len(examples), tokens=positions, parameters=params)
+    table.attrs.update(pairs=len(examples), tokens=positions, parameters=params, right=right)
     return table

@@ -152,7 +152,8 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
     ``runs``: display name -> run folder, the SFT run first under the name ``"SFT"``. Returns a
     JSON-ready dict: ``accuracy`` (model -> scale -> share), ``sign_tests``, ``answers`` (greedy
     answers of every model to the first ``n_answers`` held-out prompts and ``extra_prompts``),
-    ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``baselines``
+    ``tables`` (model -> the held-out log-prob table, lists of ``N`` floats), ``conversations``
+    (:func:`conversation_groups`: the unit of the statistics), ``baselines``
     (the length baselines on the same pairs, :mod:`dpo_lib.lessons.baselines`), ``pairs``,
     ``seconds``. With ``judge > 0``, also ``judged``: each model's greedy answers to the first
     ``judge`` held-out prompts and their labels: on the bundled set its checker's (good, wrong,
@@ -197,6 +198,7 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
               "tables": {name: {key: [round(v, 4) for v in values.tolist()]
                                 for key, values in table._asdict().items()}
                          for name, table in tables.items()}}
+    result["conversations"] = conversation_groups(pairs)
     result["baselines"] = {name: {"accuracy": b.accuracy, "meaning": b.meaning}
                            for name, b in length_baselines(tables["SFT"], tables["base"]).items()}
     if judge and cfg.data.source == "bundled":
@@ -230,6 +232,17 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def conversation_groups(pairs) -> list[int]:
+    """``[N]``: each pair's conversation as an index (0, 1, ... in order of first appearance), so
+    that pairs that branch from one conversation (the same first human turn,
+    :func:`dpo_lib.core.data.conversation_key`) can be counted as one unit in the statistics."""
+    from ..core.data import conversation_key
+
+    index: dict[str, int] = {}
+    return [index.setdefault(conversation_key({"chosen": pair["prompt"]}), len(index))
+            for pair in pairs]
 
 
 def distinct_requests(pairs, count: int) -> list[str]:

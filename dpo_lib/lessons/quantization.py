@@ -1,4 +1,4 @@
-"""NF4 from first principles: a small reference quantizer that reproduces bitsandbytes exactly.
+"""NF4 from first principles: a reference quantizer that reproduces bitsandbytes' CPU backend.
 
 The lesson of notebook 01, written out in plain torch so that every step can be printed:
 
@@ -20,8 +20,9 @@ the codes with 15 hard-coded fp32 thresholds instead of midpoints computed in fp
 15 lie one fp32 step away from the computed midpoints: a scaled value landing exactly on one of
 the 4 fp32 numbers in between gets a neighbouring code there. ``quantize_nf4(w, 64,
 arithmetic="cuda")`` emulates that kernel on the CPU (:func:`cuda_nf4_code`,
-:func:`cuda_blockwise_scale`); NOTES-nf4.md counts where the two differ. Training uses
-bitsandbytes itself; this module exists to be read.
+:func:`cuda_blockwise_scale`); notebook 01 (section 01.5) shows a value quantized both ways and
+counts where the two differ on the GPU test's largest matrix, and tests/test_quantization.py pins
+those counts. Training uses bitsandbytes itself; this module exists to be read.
 """
 from __future__ import annotations
 
