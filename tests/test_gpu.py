@@ -68,7 +68,7 @@ def test_4bit_training_step_on_cuda():
 
 
 #: Codes in which the nearest-code reference differs from bitsandbytes' CUDA kernel on the inputs
-#: below, as the CPU emulation predicts them (NOTES-nf4.md; tests/test_quantization.py checks the
+#: below, as the CPU emulation predicts them (notebook 01, section 01.5; tests/test_quantization.py checks the
 #: places): one code of the 6,553,600 of (2560, 2560) fp32, none elsewhere.
 NEAREST_VS_CUDA_CODES = {((2560, 2560), torch.float32): 1}
 

@@ -1,6 +1,6 @@
 """The reference NF4 quantizer against bitsandbytes: code book, codes, scales, double quant;
 and its emulation of bitsandbytes' CUDA kernel (``arithmetic="cuda"``), checked on the CPU against
-exact rational arithmetic, hand-built values and the counts in NOTES-nf4.md."""
+exact rational arithmetic, hand-built values and the counts in notebook 01, section 01.5."""
 import itertools
 import struct
 from fractions import Fraction
@@ -111,7 +111,7 @@ def test_bytes_per_parameter_and_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA kernel's arithmetic, emulated (NOTES-nf4.md)
+# The CUDA kernel's arithmetic, emulated (notebook 01, section 01.5)
 # --------------------------------------------------------------------------------------------
 
 def f32(bits: int) -> float:
@@ -246,7 +246,7 @@ def test_cuda_emulation_zero_and_subnormal_blocks():
 
 #: The inputs of tests/test_gpu.py::test_cuda_nf4_codes_equal_the_cuda_emulation; for each, the
 #: flat indices where the emulated CUDA codes differ from the nearest-code reference, and those
-#: whose emulated code depends on how the kernel's rcp.approx rounds 1 / absmax (NOTES-nf4.md).
+#: whose emulated code depends on how the kernel's rcp.approx rounds 1 / absmax (notebook 01, section 01.5).
 GPU_CASES = [(shape, dtype) for shape in [(7,), (257, 131), (2560, 2560)]
              for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 CUDA_VS_NEAREST = {((2560, 2560), torch.float32): [6457096]}
