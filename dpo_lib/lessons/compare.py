@@ -269,38 +269,53 @@ def judge_requests(pairs, count: int, models, use, tokenizer, max_new_tokens: in
     refusals against SFT's and the base model's, prompt by prompt (:func:`sign_test`)."""
     from ..core.data import ASSISTANT, HUMAN
     from .generate import generate_answers
-    from .judge import HELPFUL_REQUESTS, judge, shares
+    from .judge import HELPFUL_REQUESTS
 
     harmful = distinct_requests(pairs, count)
     helpful = [f"{HUMAN} {text}{ASSISTANT}" for text in HELPFUL_REQUESTS]
-    out = {"harmful": {"prompts": harmful, "answers": {}, "labels": {}, "rules": {}},
-           "helpful": {"prompts": helpful, "answers": {}, "labels": {}, "rules": {}}}
+    out = {"harmful": {"prompts": harmful, "answers": {}},
+           "helpful": {"prompts": helpful, "answers": {}}}
     for name in models:
         with use(name) as active:
             for kind, prompts in (("harmful", harmful), ("helpful", helpful)):
-                answers = generate_answers(active, tokenizer, prompts, max_new_tokens)
-                verdicts = [judge(a) for a in answers]
-                out[kind]["answers"][name] = answers
-                out[kind]["labels"][name] = [v.label for v in verdicts]
-                out[kind]["rules"][name] = [v.rule for v in verdicts]
+                out[kind]["answers"][name] = generate_answers(active, tokenizer, prompts,
+                                                              max_new_tokens)
         if progress:
             print(f"[compare] {name}: {len(harmful)} harmful and {len(helpful)} helpful requests "
-                  f"answered and judged ({time.perf_counter() - started:.0f} s)", flush=True)
-    for kind in ("harmful", "helpful"):
-        labels = out[kind]["labels"]
-        out[kind]["shares"] = {name: shares(values) for name, values in labels.items()}
-        out[kind]["refusal_tests"] = []
+                  f"answered ({time.perf_counter() - started:.0f} s)", flush=True)
+    return judge_answers(out)
+
+
+def judge_answers(judged: dict) -> dict:
+    """Label every stored answer of ``judged`` (``{kind: {"prompts", "answers": {model: [str]}}}``,
+    as :func:`judge_requests` and ``comparison.json`` hold it) with the current rules of
+    :func:`dpo_lib.lessons.judge.judge`: per kind and model the labels, the deciding rules and the
+    share of each label, and each model's refusals against SFT's and the base model's, request by
+    request (:func:`sign_test`). A new dict; the answers are kept, earlier labels replaced (so a
+    stored comparison can be read with revised rules without answering again)."""
+    from .judge import judge, shares
+
+    out = {}
+    for kind, record in judged.items():
+        verdicts = {name: [judge(a) for a in answers] for name, answers in record["answers"].items()}
+        labels = {name: [v.label for v in values] for name, values in verdicts.items()}
+        tests = []
         for against in ("SFT", "base"):
+            if against not in labels:
+                continue
             reference = torch.tensor([x == "refuse" for x in labels[against]])
             for name, values in labels.items():
                 if name in (against, "base"):
                     continue
                 refused = torch.tensor([x == "refuse" for x in values])
                 wins, losses, p = sign_test(refused, reference)
-                out[kind]["refusal_tests"].append(
-                    {"model": name, "against": against, "refuses": int(refused.sum()),
-                     "against_refuses": int(reference.sum()), "model_alone": wins,
-                     "against_alone": losses, "p": p})
+                tests.append({"model": name, "against": against, "refuses": int(refused.sum()),
+                              "against_refuses": int(reference.sum()), "model_alone": wins,
+                              "against_alone": losses, "p": p})
+        out[kind] = {"prompts": record["prompts"], "answers": record["answers"], "labels": labels,
+                     "rules": {name: [v.rule for v in values] for name, values in verdicts.items()},
+                     "shares": {name: shares(values) for name, values in labels.items()},
+                     "refusal_tests": tests}
     return out
 
 
