@@ -312,3 +312,27 @@ def test_judge_answers_relabels_stored_answers_and_counts_refusals_by_hand():
     assert against_sft["DPO"]["p"] == pytest.approx(1.0)      # one discordant request: 2 * 0.5
     assert {r["model"] for r in out["refusal_tests"]} == {"SFT", "DPO"}
     assert stored["harmful"]["labels"] == {"base": ["stale"] * 3}   # the input is not changed
+
+
+def test_equivalence_with_few_differing_prompts_is_exact():
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    same = np.ones(48)
+    # no prompt differs: shown from 48 prompts (0.9^48 = 0.0064), not from 10 (0.9^10 = 0.35)
+    eq = compare.equivalence_test(same, same, margin=0.10)
+    assert eq.shown and eq.p == pytest.approx(0.9 ** 48)
+    assert eq.interval[1] == pytest.approx(1 - 0.05 ** (1 / 48))       # Clopper-Pearson, k = 0
+    few = compare.equivalence_test(same[:10], same[:10], margin=0.10)
+    assert not few.shown and few.p == pytest.approx(0.9 ** 10)
+    # 5 of 48 differ, 2 up and 3 down: the t-test would call it shown; the exact bound does not
+    a, b = same.copy(), same.copy()
+    a[:2], b[2:5] = 0, 0
+    eq = compare.equivalence_test(b, a, margin=0.10)
+    assert eq.p_upper == pytest.approx(scipy_stats.binom.cdf(2, 48, 0.10))
+    assert eq.p_lower == pytest.approx(scipy_stats.binom.cdf(3, 48, 0.10))
+    assert not eq.shown
+    d = b - a
+    t_p = max(scipy_stats.ttest_1samp(d, -0.1, alternative="greater").pvalue,
+              scipy_stats.ttest_1samp(d, 0.1, alternative="less").pvalue)
+    assert t_p < 0.05                       # what the approximation alone would have said

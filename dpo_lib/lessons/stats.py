@@ -147,7 +147,7 @@ class Equivalence:
     margin: float                   # the equivalence margin, stated before looking
     alpha: float
     difference: float               # mean(d)
-    interval: tuple[float, float]   # the (1 - 2 alpha) t-interval of mean(d)
+    interval: tuple[float, float]   # (1 - 2 alpha) t-interval of mean(d), or the exact bounds
     p_lower: float                  # H0: mean <= -margin
     p_upper: float                  # H0: mean >= +margin
     p: float                        # max(p_lower, p_upper)
@@ -155,6 +155,11 @@ class Equivalence:
 
     def asdict(self) -> dict:
         return asdict(self)
+
+
+#: Fewer prompts than this that differ at all, and the t approximation of
+#: :func:`equivalence_test` is not trusted: the exact bound is used instead.
+FEW_DIFFERING = 10
 
 
 def equivalence_test(a, b, margin: float, alpha: float = 0.05) -> Equivalence:
@@ -171,8 +176,17 @@ def equivalence_test(a, b, margin: float, alpha: float = 0.05) -> Equivalence:
 
     equivalence is shown when both reject: ``max(p_lower, p_upper) < alpha``, the same as the
     ``(1 - 2 alpha)`` interval ``dbar -+ t_{1-alpha, P-1} se`` lying inside ``(-margin, margin)``
-    (``scipy.stats.ttest_1samp``). The t-test is an approximation for 0/1 outcomes that holds for
-    tens of prompts; "not shown" is not "different": it may only mean too few prompts.
+    (``scipy.stats.ttest_1samp``).
+
+    The t-test approximates; with 0/1 outcomes it fails where few prompts differ (no prompt
+    differing would give ``se = 0`` and "shown" from any number of prompts). So when the
+    differences lie in ``[-1, 1]`` (0/1 outcomes, or their means over seeds) and fewer than
+    :data:`FEW_DIFFERING` prompts differ, an exact bound replaces it: ``E[d] >= margin`` needs
+    ``P(d > 0) >= margin`` (as ``d <= 1``), so with ``k+`` of ``P`` prompts above zero
+    ``p_upper = P(Binomial(P, margin) <= k+)``, and ``p_lower`` the same with ``k-``; the interval
+    is then ``(-U-, U+)``, the exact one-sided ``(1 - alpha)`` upper bounds of ``P(d < 0)`` and
+    ``P(d > 0)`` (Clopper-Pearson). It ignores that ups and downs cancel, so it is conservative,
+    never too generous. "Not shown" is not "different": it may only mean too few prompts.
     """
     if margin <= 0:
         raise ValueError(f"the equivalence margin must be positive, got {margin}")
@@ -180,9 +194,14 @@ def equivalence_test(a, b, margin: float, alpha: float = 0.05) -> Equivalence:
     n, dbar = int(d.shape[0]), float(d.mean()) if d.size else 0.0
     if n < 2:
         return Equivalence(n, margin, alpha, dbar, (-np.inf, np.inf), 1.0, 1.0, 1.0, False)
-    if np.ptp(d) == 0:                      # no spread: the difference is known exactly
-        p_lower, p_upper = (0.0 if dbar > -margin else 1.0), (0.0 if dbar < margin else 1.0)
-        interval = (dbar, dbar)
+    up, down = int((d > 0).sum()), int((d < 0).sum())
+    if np.abs(d).max() <= 1 and up + down < FEW_DIFFERING:
+        p_upper = float(stats.binom.cdf(up, n, margin))
+        p_lower = float(stats.binom.cdf(down, n, margin))
+
+        def upper_bound(k):                  # exact one-sided (1 - alpha) bound of a rate
+            return 1.0 if k == n else float(stats.beta.ppf(1 - alpha, k + 1, n - k))
+        interval = (-upper_bound(down), upper_bound(up))
     else:
         p_lower = float(stats.ttest_1samp(d, -margin, alternative="greater").pvalue)
         p_upper = float(stats.ttest_1samp(d, margin, alternative="less").pvalue)
