@@ -57,19 +57,21 @@ def test_compare_command_in_tiny(tmp_path, monkeypatch):
                                          "output_dir": str(tmp_path / "dpo")})
     train_lib.train(dpo, progress=False)
     out = tmp_path / "out"
+    # a run's name with a dot (a sweep's "dpo-b0.3") is no peft adapter name: still compared
     assert compare.main(["tiny", f"sft={tmp_path / 'sft'}", f"dpo={tmp_path / 'dpo'}",
-                         "--pairs", "12", "--answers", "2", "--out", str(out), "--judge", "3",
-                         "--train-pairs", "dpo"]) == 0
+                         f"dpo-b0.3={tmp_path / 'dpo'}", "--pairs", "12", "--answers", "2",
+                         "--out", str(out), "--judge", "3", "--train-pairs", "dpo"]) == 0
     result = json.loads((out / "comparison.json").read_text())
-    assert result["pairs"] == 12 and set(result["accuracy"]) == {"base", "SFT", "DPO"}
+    assert result["pairs"] == 12 and set(result["accuracy"]) == {"base", "SFT", "DPO", "DPO-B0.3"}
+    assert result["tables"]["DPO-B0.3"] == result["tables"]["DPO"]      # the same adapter twice
     assert result["accuracy"]["SFT"]["reward vs SFT"] == 0
     assert len(result["answers"]) == 2          # bundled data: no hh-rlhf probes
     assert len(result["judged"]["answers"]["DPO"]) == 3
-    assert set(result["answers"][0]) == {"prompt", "base", "SFT", "DPO"}
+    assert set(result["answers"][0]) == {"prompt", "base", "SFT", "DPO", "DPO-B0.3"}
     assert (out / "dpo" / "metrics.jsonl").is_file() and (out / "sft" / "config.yaml").is_file()
     assert {name: len(labels) for name, labels in result["judged"]["labels"].items()} == \
-        {"SFT": 3, "DPO": 3}
-    assert [row["model"] for row in result["judged"]["sign_tests"]] == ["DPO"]
+        {"SFT": 3, "DPO": 3, "DPO-B0.3": 3}
+    assert [row["model"] for row in result["judged"]["sign_tests"]] == ["DPO", "DPO-B0.3"]
     training = result["training"]
     assert set(training["tables"]) == {"SFT", "DPO"}
     assert len(training["tables"]["DPO"]["chosen_sums"]) == training["pairs"] == \

@@ -115,11 +115,13 @@ def load_models(cfg: Config, runs: dict[str, Path]):
     base = load_model(cfg)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    # peft names an adapter's modules after it: a run's name ("DPO-B0.3") may not be one
+    adapters = {name: f"run{i}" for i, name in enumerate(runs)}
     names = list(runs)
     model = PeftModel.from_pretrained(base, Path(runs[names[0]]) / "adapter",
-                                      adapter_name=names[0])
+                                      adapter_name=adapters[names[0]])
     for name in names[1:]:
-        model.load_adapter(Path(runs[name]) / "adapter", adapter_name=name)
+        model.load_adapter(Path(runs[name]) / "adapter", adapter_name=adapters[name])
     model.eval()
 
     @contextmanager
@@ -128,7 +130,7 @@ def load_models(cfg: Config, runs: dict[str, Path]):
             with model.disable_adapter():
                 yield model
         else:
-            model.set_adapter(name)
+            model.set_adapter(adapters[name])
             yield model
     return model, tokenizer, use
 
