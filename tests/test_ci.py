@@ -287,10 +287,13 @@ def test_gpu_run_writes_each_part_s_log_and_a_summary(tmp_path):
     assert "bench: first job" in logs["bench"]
     for part in ("cuda", "nbval"):
         assert "DPO_PROFILE=gpu-smoke USE_HUB_KERNELS=NO HF_HUB_OFFLINE=1" in logs[part]
-    assert "-m pytest -q -rP -rs -m cuda tests/test_gpu.py" in logs["cuda"]
+    assert "-m pytest -q -rPs -m cuda tests/test_gpu.py" in logs["cuda"]
     # every notebook, GPU-heavy ones first, any new one last
-    assert ("--nbval-lax notebooks/01_a.ipynb notebooks/03_c.ipynb notebooks/02_b.ipynb "
-            "notebooks/08_d.ipynb notebooks/10_new.ipynb") in logs["nbval"]
+    # one pytest per notebook, so that each one's failures print when it ends
+    ran = [line.split("--nbval-lax ")[1].split()[0] for line in logs["nbval"].splitlines()
+           if "--nbval-lax " in line]
+    assert ran == ["notebooks/01_a.ipynb", "notebooks/03_c.ipynb", "notebooks/02_b.ipynb",
+                   "notebooks/08_d.ipynb", "notebooks/10_new.ipynb"]
     # the seed's setting, few steps, real pairs from the carried file
     assert ("benchmarks/trl_compare.py --model random:pythia-2.8b --quant nf4 --max-length 512 "
             "--batch 4 --accum 8 --mixed-precision bf16 --gradient-checkpointing --stages "

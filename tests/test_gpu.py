@@ -98,12 +98,23 @@ def test_cuda_nf4_codes_equal_the_cuda_emulation(shape, dtype):
     packed, absmax = Q.quantize_nf4(weight, blocksize=64, arithmetic="cuda")  # CPU emulation
     nearest, nearest_absmax = Q.quantize_nf4(weight, blocksize=64)            # CPU reference
     cuda_packed, state = F.quantize_4bit(weight.cuda(), blocksize=64, quant_type="nf4")
-    assert torch.equal(cuda_packed.cpu(), packed), cuda_codes_mismatch(weight, cuda_packed, packed)
-    assert torch.equal(state.absmax.cpu(), absmax) and torch.equal(absmax, nearest_absmax)
     n = weight.numel()
-    differ = int((Q.unpack_nibbles(nearest, n) != Q.unpack_nibbles(packed, n)).sum())
-    assert differ == NEAREST_VS_CUDA_CODES.get((shape, dtype), 0)
-    restored = Q.dequantize_nf4(packed, absmax, shape, 64, dtype=dtype)
+    cuda_codes, emulated = Q.unpack_nibbles(cuda_packed.cpu(), n), Q.unpack_nibbles(packed, n)
+    # The emulation takes the correctly rounded 1 / absmax; the kernel's rcp.approx is promised
+    # within 1 ulp only. So a code may differ only where that rounding decides it, and there the
+    # kernel's code must be the one the other fp32 neighbour of 1 / absmax gives.
+    differ = set((cuda_codes != emulated).nonzero().flatten().tolist())
+    sensitive = Q.cuda_reciprocal_sensitive(weight, 64)
+    assert differ <= set(sensitive.tolist()), cuda_codes_mismatch(weight, cuda_packed, packed)
+    if differ:
+        other = Q.cuda_codes_other_reciprocal(weight, 64)
+        assert all(cuda_codes[i] == other[i] for i in differ), sorted(differ)[:20]
+        print(f"\n{shape} {dtype}: {len(differ)} of {len(sensitive)} codes that the rounding of "
+              f"1 / absmax decides took the other neighbour on this GPU")
+    assert torch.equal(state.absmax.cpu(), absmax) and torch.equal(absmax, nearest_absmax)
+    differ_nearest = int((Q.unpack_nibbles(nearest, n) != emulated).sum())
+    assert differ_nearest == NEAREST_VS_CUDA_CODES.get((shape, dtype), 0)
+    restored = Q.dequantize_nf4(cuda_packed.cpu(), absmax, shape, 64, dtype=dtype)
     assert torch.equal(F.dequantize_4bit(cuda_packed, state).reshape(shape).cpu(), restored)
 
 

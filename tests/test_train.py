@@ -692,3 +692,20 @@ def test_the_reference_pass_runs_on_the_prepared_model_under_the_training_autoca
     assert events[0] == "prepare" and passes, events         # the reference pass after prepare
     assert all(under for _, under in passes), events          # ... inside the autocast
     assert devices and all(devices)
+
+
+def test_make_accelerator_after_one_with_another_mixed_precision():
+    """A check step in fp32 after a bf16 run in the same process (notebooks 03 and 06 on a GPU):
+    accelerate keeps one state per process and refuses a second precision unless it is cleared."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from dpo_lib.training.step import make_accelerator
+
+    AcceleratorState._reset_state()
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True)   # what a GPU run leaves behind
+        accelerator = make_accelerator(load_config("tiny"))
+        assert accelerator.mixed_precision == "no"
+    finally:
+        AcceleratorState._reset_state()

@@ -236,16 +236,14 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64,
     return pack_nibbles(nearest_code(scaled, nf4_code_book())), absmax
 
 
-def cuda_reciprocal_sensitive(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
-    """Indices (int64 ``[k]``, into the flattened ``weight``) whose ``arithmetic="cuda"`` code
-    would change if each block's ``1 / absmax`` were the other fp32 neighbour of the exact
-    reciprocal rather than the nearest one.
+def cuda_codes_other_reciprocal(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """The ``arithmetic="cuda"`` codes (``[n]`` uint8, unpacked) had each block's ``1 / absmax``
+    been the other fp32 neighbour of the exact reciprocal rather than the nearest one.
 
     The kernel computes the reciprocal with ``rcp.approx.ftz.f32`` (MUFU.RCP), documented only
-    as within 1 ulp, so it may return either neighbour; these are the codes for which the
-    emulation's choice (the nearest) matters. The exact reciprocal is taken in float64, which
-    decides the side for every fp32 absmax; where it is an fp32 number itself (absmax a power of
-    two) it counts as exact, with no other neighbour.
+    as within 1 ulp, so it may return either neighbour. The exact reciprocal is taken in float64,
+    which decides the side for every fp32 absmax; where it is an fp32 number itself (absmax a
+    power of two) it counts as exact, with no other neighbour.
     """
     blocks, absmax = _cuda_blocks(weight.detach().cpu(), blocksize)
     nearest = 1.0 / absmax
@@ -253,9 +251,17 @@ def cuda_reciprocal_sensitive(weight: torch.Tensor, blocksize: int = 64) -> torc
     toward = torch.where(nearest.double() > exact, torch.zeros_like(nearest),
                          torch.full_like(nearest, math.inf))
     other = torch.where(nearest.double() == exact, nearest, torch.nextafter(nearest, toward))
-    moved = (cuda_nf4_code(blocks * nearest.unsqueeze(1))
-             != cuda_nf4_code(blocks * other.unsqueeze(1))).reshape(-1)
-    return moved[:weight.numel()].nonzero().flatten()
+    return cuda_nf4_code(blocks * other.unsqueeze(1)).reshape(-1)[:weight.numel()]
+
+
+def cuda_reciprocal_sensitive(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Indices (int64 ``[k]``, into the flattened ``weight``) whose ``arithmetic="cuda"`` code
+    would change if each block's ``1 / absmax`` were the other fp32 neighbour of the exact
+    reciprocal (:func:`cuda_codes_other_reciprocal`): the codes for which the emulation's choice
+    (the nearest) matters."""
+    blocks, absmax = _cuda_blocks(weight.detach().cpu(), blocksize)
+    nearest = cuda_nf4_code(blocks * (1.0 / absmax).unsqueeze(1)).reshape(-1)[:weight.numel()]
+    return (nearest != cuda_codes_other_reciprocal(weight, blocksize)).nonzero().flatten()
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,

@@ -78,13 +78,23 @@ class PreferenceRows(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 def make_accelerator(cfg: Config):
+    """The run's ``Accelerator`` with the config's mixed precision.
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses an ``Accelerator`` whose
+    mixed precision differs from the first one's. A notebook or test that takes a check step in
+    fp32 after a bf16 run needs the other one, so a state left with another precision is cleared
+    first (the process's distributed state, ``PartialState``, is kept)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     require_device(cfg, "training")
     precision = mixed_precision(cfg)
     if precision != "no" and not torch.cuda.is_available():
         raise DeviceError(f"mixed_precision={precision} needs a GPU here; use 'no' or 'auto' on "
                           "CPU")
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
