@@ -80,3 +80,35 @@ def test_only_trains_the_named_runs(tmp_path, monkeypatch):
     assert status == 0 and trained == [1]
     from dpo_lib.lessons import compare
     assert list(compare.sweep_runs(load_config("tiny"), file, ["c"])) == ["SFT", "C"]
+
+
+def test_store_half_precision_copies_logs_and_halves_the_adapter(tmp_path):
+    """The committed copy of a run: its logs as they are, its adapter in float16 (half the bytes),
+    each value within float16's rounding of the original (relative 2**-11 of its tensor's largest)."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dpo_lib.training.sweep import store_half_precision
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (run / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a.lora_A.weight": torch.randn(8, 64, generator=generator) * 0.02,
+               "a.lora_B.weight": torch.randn(64, 8, generator=generator) * 1e-3}
+    save_file(weights, run / "adapter" / "adapter_model.safetensors")
+    worst = store_half_precision(run, tmp_path / "copy")
+    copied = load_file(tmp_path / "copy" / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float16 for t in copied.values())
+    for name, tensor in weights.items():
+        change = (copied[name].float() - tensor).abs().max() / tensor.abs().max()
+        assert 0 < change <= 2 ** -11 and change <= worst + 1e-12
+    assert (tmp_path / "copy" / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    assert (tmp_path / "copy" / "adapter" / "adapter_config.json").is_file()
+    size = (tmp_path / "copy" / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 0.6 * (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    save_file({"w": torch.tensor([1e6])}, run / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="float16"):
+        store_half_precision(run, tmp_path / "overflow")

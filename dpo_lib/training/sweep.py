@@ -97,6 +97,39 @@ def run_sweep(sweep_path, cfg: Config, out_dir=None, progress: bool = True,
     return folders
 
 
+def store_half_precision(run_dir, target) -> float:
+    """A finished run's copy for committing: its logs (:data:`RUN_FILES`) and its adapter, every
+    float32 tensor stored as float16 (half the bytes: 9.8 -> 4.9 MB for a rank-8 adapter of
+    SmolLM2-135M). The copy is a run folder that ``dpo-compare`` reads like the original, so a
+    comparison made from the copy is reproduced exactly from the committed files.
+
+    Returns the largest change of any value relative to the largest magnitude in its tensor;
+    raises ``ValueError`` where a value would overflow float16.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(run_dir), Path(target)
+    weights = load_file(source / "adapter" / "adapter_model.safetensors")
+    (target / "adapter").mkdir(parents=True, exist_ok=True)
+    for file in RUN_FILES:
+        if (source / file).is_file():
+            shutil.copy(source / file, target / file)
+    shutil.copy(source / "adapter" / "adapter_config.json", target / "adapter")
+    half, worst = {}, 0.0
+    for name, tensor in weights.items():
+        if tensor.dtype != torch.float32:
+            half[name] = tensor
+            continue
+        if tensor.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"{source}: {name} holds values beyond float16's range")
+        half[name] = tensor.to(torch.float16)
+        scale = tensor.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        worst = max(worst, ((half[name].float() - tensor).abs().max() / scale).item())
+    save_file(half, target / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    return worst
+
+
 @command("dpo-sweep")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-sweep", description=__doc__)
