@@ -112,3 +112,4 @@ def test_store_half_precision_copies_logs_and_halves_the_adapter(tmp_path):
     save_file({"w": torch.tensor([1e6])}, run / "adapter" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="float16"):
         store_half_precision(run, tmp_path / "overflow")
+    assert not (tmp_path / "overflow").exists()            # nothing half-written

@@ -83,7 +83,9 @@ def make_accelerator(cfg: Config):
     accelerate keeps one ``AcceleratorState`` per process and refuses an ``Accelerator`` whose
     mixed precision differs from the first one's. A notebook or test that takes a check step in
     fp32 after a bf16 run needs the other one, so a state left with another precision is cleared
-    first (the process's distributed state, ``PartialState``, is kept)."""
+    first (the process's distributed state, ``PartialState``, is kept). accelerate's state is one
+    shared object: an ``Accelerator`` made before then reports, and autocasts with, the new
+    precision, so the earlier run's accelerator must no longer be in use (a finished run's is not)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

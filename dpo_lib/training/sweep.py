@@ -111,13 +111,8 @@ def store_half_precision(run_dir, target) -> float:
 
     source, target = Path(run_dir), Path(target)
     weights = load_file(source / "adapter" / "adapter_model.safetensors")
-    (target / "adapter").mkdir(parents=True, exist_ok=True)
-    for file in RUN_FILES:
-        if (source / file).is_file():
-            shutil.copy(source / file, target / file)
-    shutil.copy(source / "adapter" / "adapter_config.json", target / "adapter")
     half, worst = {}, 0.0
-    for name, tensor in weights.items():
+    for name, tensor in weights.items():             # everything checked before anything is written
         if tensor.dtype != torch.float32:
             half[name] = tensor
             continue
@@ -126,6 +121,11 @@ def store_half_precision(run_dir, target) -> float:
         half[name] = tensor.to(torch.float16)
         scale = tensor.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
         worst = max(worst, ((half[name].float() - tensor).abs().max() / scale).item())
+    (target / "adapter").mkdir(parents=True, exist_ok=True)
+    for file in RUN_FILES:
+        if (source / file).is_file():
+            shutil.copy(source / file, target / file)
+    shutil.copy(source / "adapter" / "adapter_config.json", target / "adapter")
     save_file(half, target / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
     return worst
 
