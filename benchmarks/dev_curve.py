@@ -69,7 +69,7 @@ def table(curve: Path) -> None:
     groups = np.asarray(tuning["conversations"])
 
     def by_conversation(values):
-        return np.array([values[groups == g].mean() for g in np.unique(groups)])
+        return stats.group_means(values, groups)
     shorter = baselines.length_baselines(tuning["tables"]["SFT"], tuning["tables"]["SFT"],
                                          0.0)["shorter answer"]
     short = by_conversation(shorter.right + 0.5 * shorter.tie)

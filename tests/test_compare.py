@@ -338,3 +338,16 @@ def test_equivalence_with_few_differing_prompts_is_exact():
     t_p = max(scipy_stats.ttest_1samp(d, -0.1, alternative="greater").pvalue,
               scipy_stats.ttest_1samp(d, 0.1, alternative="less").pvalue)
     assert t_p < 0.05                       # what the approximation alone would have said
+
+
+def test_group_means_by_hand():
+    """Each conversation's mean, computed by hand: groups 7 (1, 0, 1), 3 (0), 5 (1, 1)."""
+    import numpy as np
+
+    from dpo_lib.lessons import stats
+
+    means = stats.group_means([1, 0, 0, 1, 1, 1], [7, 7, 3, 7, 5, 5])
+    assert np.allclose(means, [0.0, 1.0, 2 / 3])          # sorted ids 3, 5, 7
+    import pytest
+    with pytest.raises(ValueError):
+        stats.group_means([1, 0], [1])

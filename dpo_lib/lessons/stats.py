@@ -38,6 +38,17 @@ def per_prompt(outcomes) -> np.ndarray:
     raise ValueError(f"expected [seeds, prompts] or [prompts] outcomes, got shape {arr.shape}")
 
 
+def group_means(values, groups) -> np.ndarray:
+    """``[N]`` per-pair values and ``[N]`` group ids (the conversation of each pair) -> ``[G]``
+    float64 means per group, in the order of the sorted group ids: the unit of the statistics
+    when several pairs share one conversation."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    if values.shape != groups.shape:
+        raise ValueError(f"values {values.shape} and groups {groups.shape} differ in shape")
+    ids, index = np.unique(groups, return_inverse=True)
+    return np.bincount(index, weights=values, minlength=len(ids)) / np.bincount(index)
+
+
 def _differences(a, b) -> np.ndarray:
     abar, bbar = per_prompt(a), per_prompt(b)
     if abar.shape != bbar.shape:
