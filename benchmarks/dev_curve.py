@@ -56,7 +56,7 @@ def table(curve: Path) -> None:
     import torch
 
     from dpo_lib.core.logps import PairLogps
-    from dpo_lib.lessons import baselines, compare, stats
+    from dpo_lib.lessons import baselines, compare
 
     tuning = json.loads((Path(__file__).resolve().parent.parent / "data" / "example-runs"
                          / "cpu-hh-tuning" / "comparison.json").read_text())
@@ -68,11 +68,8 @@ def table(curve: Path) -> None:
             torch.equal(tables[name].rejected_counts, tables["SFT"].rejected_counts), "other pairs"
     groups = np.asarray(tuning["conversations"])
 
-    def by_conversation(values):
-        return stats.group_means(values, groups)
     shorter = baselines.length_baselines(tuning["tables"]["SFT"], tuning["tables"]["SFT"],
                                          0.0)["shorter answer"]
-    short = by_conversation(shorter.right + 0.5 * shorter.tie)
     print(f"dev: {current['pairs']} pairs, {len(np.unique(groups))} conversations; "
           f"shorter-answer rule {shorter.accuracy:.3f}")
     print("| DPO step | reward acc. vs SFT, summed | per token | per token vs shorter answer "
@@ -80,15 +77,11 @@ def table(curve: Path) -> None:
           "nats/token |")
     print("|---|---|---|---|---|---|")
     for name in current["tables"]:
-        summed = compare.ranked(tables, name, "SFT").double().numpy()
-        per_token = compare.ranked(tables, name, "SFT", per_token=True).double().numpy()
-        a = stats.compare_over_prompts(by_conversation(per_token), short)
-        b = stats.compare_over_prompts(by_conversation(summed), short)
-        drop = ((tables[name].chosen_sums - tables["SFT"].chosen_sums)
-                / tables[name].chosen_counts).mean().item()
-        print(f"| {name} | {summed.mean():.3f} | {per_token.mean():.3f} | {a.a_wins}:{a.b_wins}, "
-              f"{a.sign_p:.2g} | {b.a_wins}:{b.b_wins}, {b.sign_p:.2g} | {drop:+.3f} |")
-
+        row = compare.reward_against_shorter(tables, name, groups, shorter)
+        a, b = row["per_token_vs_shorter"], row["summed_vs_shorter"]
+        print(f"| {name} | {row['summed']:.3f} | {row['per_token']:.3f} | {a.a_wins}:{a.b_wins}, "
+              f"{a.sign_p:.2g} | {b.a_wins}:{b.b_wins}, {b.sign_p:.2g} | "
+              f"{row['chosen_change']:+.3f} |")
 
 if __name__ == "__main__":
     if sys.argv[1] == "table":

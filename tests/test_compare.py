@@ -351,3 +351,30 @@ def test_group_means_by_hand():
     import pytest
     with pytest.raises(ValueError):
         stats.group_means([1, 0], [1])
+
+
+def test_reward_against_shorter_by_hand():
+    """Four pairs in three conversations (ids 0, 0, 1, 2), every figure worked out by hand:
+    rewards (model - SFT) chosen +1, -2, +1, -1 and rejected -2, -1, -2, 0; chosen lengths
+    2, 8, 5, 1 and rejected 4, 2, 5, 3 tokens."""
+    import numpy as np
+
+    from dpo_lib.lessons.baselines import Baseline
+
+    counts = dict(chosen_counts=torch.tensor([2, 8, 5, 1]), rejected_counts=torch.tensor([4, 2, 5, 3]))
+    tables = {"SFT": PairLogps(chosen_sums=torch.tensor([-10.0, -10, -20, -5]),
+                               rejected_sums=torch.tensor([-12.0, -8, -20, -6]), **counts),
+              "DPO": PairLogps(chosen_sums=torch.tensor([-9.0, -12, -19, -6]),
+                               rejected_sums=torch.tensor([-14.0, -9, -22, -6]), **counts)}
+    # the shorter answer: right in pairs 1 and 4, a tie in pair 3 -> 1, 0, 0.5, 1 per pair
+    shorter = Baseline("shorter answer", "", np.array([1.0, 0, 0, 1]), np.array([0.0, 0, 1, 0]))
+    row = compare.reward_against_shorter(tables, "DPO", [0, 0, 1, 2], shorter)
+    # summed: +1 > -2, -2 < -1, +1 > -2, -1 < 0; per token: 0.5 > -0.5, -0.25 > -0.5, 0.2 > -0.4,
+    # -1 < 0
+    assert row["summed"] == 0.5 and row["per_token"] == 0.75
+    # per conversation, model vs shorter: summed (0.5, 1, 0) vs (0.5, 0.5, 1) -> 1 win, 1 loss;
+    # per token (1, 1, 0) vs (0.5, 0.5, 1) -> 2 wins, 1 loss
+    s, t = row["summed_vs_shorter"], row["per_token_vs_shorter"]
+    assert (s.a_wins, s.b_wins, s.ties) == (1, 1, 1) and s.mean_a == pytest.approx(0.5)
+    assert (t.a_wins, t.b_wins, t.ties) == (2, 1, 0) and t.mean_b == pytest.approx(2 / 3)
+    assert row["chosen_change"] == pytest.approx((0.5 - 0.25 + 0.2 - 1) / 4)

@@ -180,6 +180,29 @@ def test_pair_logps_of_gguf_equal_transformers(tiny_export, merged_model):
     assert not np.allclose(ours[0], ours[1])
 
 
+def test_check_gguf_is_compare_logits_and_pair_logps_in_one_pass(tiny_export, merged_model):
+    """verify_exports' single pass per file gives what the two separate passes give: the same KL,
+    top-1 and perplexities as compare_logits on the chosen sequences, the same pair log-probs as
+    pair_logps_gguf (the same llama.cpp evaluations, so equal to rounding of the sums), with the
+    transformers log-probs computed inside or handed in."""
+    examples, sequences = gguf_check.held_out(tiny_export[0], n_pairs=8)
+    llm = gguf_check.open_gguf(tiny_export[2]["q8_0"], n_ctx=256)
+    try:
+        separate = gguf_check.compare_logits(llm, merged_model, sequences)
+        pairs = gguf_check.pair_logps_gguf(llm, examples)
+        cached = [gguf_check.hf_log_probs(merged_model, ids) for ids in sequences]
+        for reference in (None, cached):
+            logits, one_pass = gguf_check.check_gguf(llm, merged_model, examples, reference)
+            assert logits["tokens"] == separate["tokens"]
+            for key in ("kl", "top1", "ppl_gguf", "ppl_hf"):
+                assert logits[key] == pytest.approx(separate[key], rel=1e-9, abs=1e-12), key
+            for ours, theirs in zip(one_pass, pairs):
+                np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    finally:
+        llm.close()
+    assert separate["kl"] > 0 and not np.allclose(pairs[0], pairs[1])
+
+
 def test_preference_accuracies():
     policy = (np.array([-1.0, -5.0, -2.0]), np.array([-3.0, -4.0, -2.0]))
     reference = (np.array([-2.0, -6.0, -1.0]), np.array([-2.0, -6.0, -3.0]))

@@ -11,7 +11,9 @@ On the same token ids (the tokenizer's, fed to llama.cpp directly):
   by the answer lengths where the run trained on token means (IPO's default), as training did.
 * :func:`runtime_figures`: load time, RAM and tokens per second of a fresh process serving the file.
 
-:func:`verify_exports` puts it all in one table, one row per file.
+:func:`verify_exports` puts it all in one table, one row per file; per file it evaluates each
+pair's chosen sequence once for both the KL and the pair's log-probs (:func:`check_gguf`) and reuses
+the transformers model's log-probs of the held-out text across files.
 """
 from __future__ import annotations
 
@@ -59,6 +61,30 @@ def hf_log_probs(model, ids: list[int]) -> torch.Tensor:
     return next_token_log_probs(model, torch.tensor([ids], device=model.device))[0].cpu()
 
 
+class _LogitAgreement:
+    """Running sums of KL(model || other), top-1 agreement and both models' next-token NLL."""
+
+    def __init__(self):
+        self.kl = self.top1 = self.nll_other = self.nll_model = self.positions = 0.0
+
+    def add(self, reference: torch.Tensor, ours: torch.Tensor, ids: list[int]) -> None:
+        """``reference``, ``ours``: ``[T - 1, V]`` next-token log-probs of ``ids`` (``T``)."""
+        targets = torch.tensor(ids[1:]).unsqueeze(-1)
+        self.kl += (reference.exp() * (reference - ours)).sum(-1).clamp_min(0).sum().item()
+        self.top1 += (reference.argmax(-1) == ours.argmax(-1)).sum().item()
+        self.nll_other -= ours.gather(-1, targets).sum().item()
+        self.nll_model -= reference.gather(-1, targets).sum().item()
+        self.positions += len(ids) - 1
+
+    def result(self) -> dict[str, float]:
+        if not self.positions:
+            raise ValueError("no sequence of two or more tokens to compare on")
+        return {"kl": self.kl / self.positions, "top1": self.top1 / self.positions,
+                "ppl_gguf": float(np.exp(self.nll_other / self.positions)),
+                "ppl_hf": float(np.exp(self.nll_model / self.positions)),
+                "tokens": int(self.positions)}
+
+
 def compare_logits(other, model, sequences: list[list[int]]) -> dict[str, float]:
     """KL, top-1 agreement and perplexities of ``other`` against ``model`` on the same ids.
 
@@ -69,22 +95,11 @@ def compare_logits(other, model, sequences: list[list[int]]) -> dict[str, float]
     ``other``/``model``; ``tokens``: positions compared.
     """
     other_log_probs = hf_log_probs if isinstance(other, torch.nn.Module) else gguf_log_probs
-    kl_sum = top1 = nll_gguf = nll_hf = positions = 0.0
+    agreement = _LogitAgreement()
     for ids in sequences:
-        if len(ids) < 2:
-            continue
-        reference, ours = hf_log_probs(model, ids), other_log_probs(other, ids)
-        targets = torch.tensor(ids[1:]).unsqueeze(-1)
-        kl_sum += (reference.exp() * (reference - ours)).sum(-1).clamp_min(0).sum().item()
-        top1 += (reference.argmax(-1) == ours.argmax(-1)).sum().item()
-        nll_gguf -= ours.gather(-1, targets).sum().item()
-        nll_hf -= reference.gather(-1, targets).sum().item()
-        positions += len(ids) - 1
-    if not positions:
-        raise ValueError("no sequence of two or more tokens to compare on")
-    return {"kl": kl_sum / positions, "top1": top1 / positions,
-            "ppl_gguf": float(np.exp(nll_gguf / positions)),
-            "ppl_hf": float(np.exp(nll_hf / positions)), "tokens": int(positions)}
+        if len(ids) >= 2:
+            agreement.add(hf_log_probs(model, ids), other_log_probs(other, ids), ids)
+    return agreement.result()
 
 
 def _response_logp(llm, start: int, ids: list[int]) -> float:
@@ -107,6 +122,28 @@ def pair_logps_gguf(llm, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         llm.eval(example["rejected_input_ids"][prompt:])
         rejected.append(_response_logp(llm, prompt, example["rejected_input_ids"]))
     return np.array(chosen), np.array(rejected)
+
+
+def check_gguf(llm, model, examples: list[dict], reference: list[torch.Tensor] | None = None):
+    """:func:`compare_logits` on the pairs' chosen sequences and :func:`pair_logps_gguf` in one
+    pass over the GGUF: each chosen sequence is evaluated once, and its logits give both the KL
+    against ``model`` and the chosen answer's log-prob (the same numbers as the two calls).
+    ``reference``: ``model``'s :func:`hf_log_probs` of each chosen sequence (``[T - 1, V]``
+    each) where the caller has them already, computed here otherwise. Returns
+    ``(compare_logits' dict, (chosen [N], rejected [N]))``."""
+    agreement = _LogitAgreement()
+    chosen, rejected = [], []
+    for i, example in enumerate(examples):
+        ids, prompt = example["chosen_input_ids"], len(example["prompt_input_ids"])
+        ours = gguf_log_probs(llm, ids)                                   # [T - 1, V]
+        agreement.add(reference[i] if reference is not None else hf_log_probs(model, ids),
+                      ours, ids)
+        chosen.append(ours[prompt - 1:].gather(-1, torch.tensor(ids[prompt:]).unsqueeze(-1))
+                      .sum().item())
+        llm.n_tokens = prompt                    # keep the prompt's cache, drop the chosen answer
+        llm.eval(example["rejected_input_ids"][prompt:])
+        rejected.append(_response_logp(llm, prompt, example["rejected_input_ids"]))
+    return agreement.result(), (np.array(chosen), np.array(rejected))
 
 
 def pair_logps_hf(model, examples: list[dict],
@@ -207,6 +244,9 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+REFERENCE_CACHE_BYTES = 2 * 2**30
+
+
 def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_pairs: int = 48,
                    runtime: bool = True, progress: bool = True):
     """One row per GGUF file of ``files`` (from :func:`dpo_lib.deploy.export.export_run`) and one for the
@@ -246,11 +286,17 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
     model, policy_hf = hf_pairs(merged)
     params = _params(model)
     ref_hf = hf_pairs(reference_files["merged"])[1] if reference_files else None
+    positions = sum(len(s) - 1 for s in sequences)
+    # the model's log-probs of the held-out text, computed once for every file's KL where they
+    # fit in REFERENCE_CACHE_BYTES ([positions, vocab] fp32), per file otherwise
+    cached = positions * model.config.vocab_size * 4 <= REFERENCE_CACHE_BYTES
     nll = []
+    reference_log_probs = [] if cached else None
     for ids in sequences:
         logps = hf_log_probs(model, ids)
         nll.append(-logps.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).sum().item())
-    positions = sum(len(s) - 1 for s in sequences)
+        if cached:
+            reference_log_probs.append(logps)
     rows = {"transformers fp32": {"file_mb": params * 4 / 2**20, "bits_per_weight": 32.0,
                                   "kl": 0.0, "top1": 1.0,
                                   "perplexity": float(np.exp(sum(nll) / positions)),
@@ -261,8 +307,8 @@ def verify_exports(run_dir, files: dict, reference_files: dict | None = None, n_
         path = Path(files[name])
         llm = open_gguf(path, n_ctx)
         try:
-            logits = compare_logits(llm, model, sequences)
-            policy = aggregated(pair_logps_gguf(llm, examples))
+            logits, policy = check_gguf(llm, model, examples, reference_log_probs)
+            policy = aggregated(policy)
         finally:
             llm.close()
         reference = None

@@ -39,7 +39,7 @@ from ..core.errors import ConfigError
 from ..training.sweep import RUN_FILES
 from .baselines import Baseline, against_baseline, length_baselines, mean_drop  # noqa: F401
 from .stats import (Equivalence, Power, PromptComparison, compare_over_prompts,  # noqa: F401
-                    equivalence_test, per_prompt, power_statement, sign_test_power)
+                    equivalence_test, group_means, per_prompt, power_statement, sign_test_power)
 
 
 
@@ -73,6 +73,25 @@ def ranked(tables: dict, model: str, reference: str | None = None,
         chosen = chosen / table.chosen_counts.clamp(min=1)
         rejected = rejected / table.rejected_counts.clamp(min=1)
     return chosen > rejected
+
+
+def reward_against_shorter(tables: dict, model: str, groups, shorter: Baseline) -> dict:
+    """``model``'s implicit reward against SFT (``tables["SFT"]``) on held-out pairs, summed and
+    per token, each beside the shorter-answer rule ``shorter`` (a
+    :class:`~dpo_lib.lessons.baselines.Baseline` on the same pairs, ties counting half) with the
+    conversation as the unit: ``groups`` ``[N]``, each pair's conversation
+    (:func:`conversation_groups`). Returns ``summed``, ``per_token`` (accuracies over pairs),
+    ``summed_vs_shorter``, ``per_token_vs_shorter``
+    (:class:`~dpo_lib.lessons.stats.PromptComparison` over conversations) and
+    ``chosen_change``: the mean change of the chosen answers' log-prob from SFT, nats per token."""
+    short = group_means(shorter.right + 0.5 * shorter.tie, groups)
+    summed = ranked(tables, model, "SFT").double().numpy()
+    per_token = ranked(tables, model, "SFT", per_token=True).double().numpy()
+    change = (tables[model].chosen_sums - tables["SFT"].chosen_sums) / tables[model].chosen_counts
+    return {"summed": summed.mean(), "per_token": per_token.mean(),
+            "summed_vs_shorter": compare_over_prompts(group_means(summed, groups), short),
+            "per_token_vs_shorter": compare_over_prompts(group_means(per_token, groups), short),
+            "chosen_change": change.mean().item()}
 
 
 def accuracies(tables: dict) -> dict[str, dict[str, float]]:
