@@ -77,6 +77,8 @@ class _LogitAgreement:
         self.positions += len(ids) - 1
 
     def result(self) -> dict[str, float]:
+        """Means per position: ``kl``, ``top1``, the perplexities ``ppl_gguf`` (``other``) and
+        ``ppl_hf`` (the model), and ``tokens``, the positions compared."""
         if not self.positions:
             raise ValueError("no sequence of two or more tokens to compare on")
         return {"kl": self.kl / self.positions, "top1": self.top1 / self.positions,
@@ -131,13 +133,18 @@ def check_gguf(llm, model, examples: list[dict], reference: list[torch.Tensor] |
     ``reference``: ``model``'s :func:`hf_log_probs` of each chosen sequence (``[T - 1, V]``
     each) where the caller has them already, computed here otherwise. Returns
     ``(compare_logits' dict, (chosen [N], rejected [N]))``."""
+    if reference is not None and len(reference) != len(examples):
+        raise ValueError(f"{len(reference)} reference log-prob tables for {len(examples)} pairs")
     agreement = _LogitAgreement()
     chosen, rejected = [], []
     for i, example in enumerate(examples):
         ids, prompt = example["chosen_input_ids"], len(example["prompt_input_ids"])
         ours = gguf_log_probs(llm, ids)                                   # [T - 1, V]
-        agreement.add(reference[i] if reference is not None else hf_log_probs(model, ids),
-                      ours, ids)
+        theirs = reference[i] if reference is not None else hf_log_probs(model, ids)
+        if theirs.shape != ours.shape:
+            raise ValueError(f"pair {i}: reference log-probs {tuple(theirs.shape)} for a sequence "
+                             f"whose next-token log-probs are {tuple(ours.shape)}")
+        agreement.add(theirs, ours, ids)
         chosen.append(ours[prompt - 1:].gather(-1, torch.tensor(ids[prompt:]).unsqueeze(-1))
                       .sum().item())
         llm.n_tokens = prompt                    # keep the prompt's cache, drop the chosen answer
