@@ -709,3 +709,37 @@ def test_make_accelerator_after_one_with_another_mixed_precision():
         assert accelerator.mixed_precision == "no"
     finally:
         AcceleratorState._reset_state()
+
+
+@pytest.mark.parametrize("from_sft", [True, False])
+def test_step_zero_evaluation_reads_the_reference_rows(tmp_path, monkeypatch, from_sft):
+    """Before any step the policy is its reference, so the held-out metrics of step 0 are read
+    from the reference pass's rows: they must equal the metrics of an evaluation that runs the
+    model (forced by saying the policy is not its reference)."""
+    init = {}
+    if from_sft:
+        init = {"init_adapter": str(train_lib.train(tiny(tmp_path, "sft", sft_steps=3),
+                                                    progress=False).output_dir)}
+    runs_ = {}
+    for name, shortcut in (("read", True), ("ran", False)):
+        if not shortcut:
+            monkeypatch.setattr(train_lib, "policy_is_reference", lambda *_: False)
+        cfg = tiny(tmp_path, name, stage="preference", preference_steps=1, eval_every=1, **init)
+        runs_[name] = [m for m in train_lib.train(cfg, progress=False).metrics if m["step"] == 0]
+    read, ran = runs_["read"][0], runs_["ran"][0]
+    assert read.keys() == ran.keys() and "eval/logps/chosen" in read
+    for key in read:
+        assert read[key] == pytest.approx(ran[key], rel=1e-5, abs=1e-6), key
+
+
+def test_policy_is_reference_only_while_the_adapter_adds_nothing(tmp_path):
+    from dpo_lib.core.lora import add_lora
+    from dpo_lib.core.models import load_model
+
+    cfg = tiny(tmp_path, "run", stage="preference")
+    model = add_lora(load_model(cfg), cfg)
+    assert step_lib.policy_is_reference(model, None)             # a fresh adapter: B = 0
+    assert step_lib.policy_is_reference(model, tmp_path)         # started from the reference's adapter
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = 1e-3
+    assert not step_lib.policy_is_reference(model, None)

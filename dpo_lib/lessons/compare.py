@@ -41,6 +41,9 @@ from .baselines import Baseline, against_baseline, length_baselines, mean_drop  
 from .stats import (Equivalence, Power, PromptComparison, compare_over_prompts,  # noqa: F401
                     equivalence_test, group_means, per_prompt, power_statement, sign_test_power)
 
+# The recorded comparisons (data/example-runs/*/comparison.json) generated their answers in batches
+# of 8; keeping that batch keeps a rerun's greedy answers the recorded ones (generate_answers).
+ANSWER_BATCH = 8
 
 
 def sign_test(a_right: torch.Tensor, b_right: torch.Tensor) -> tuple[int, int, float]:
@@ -211,7 +214,8 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
     answers = {}
     for name in ["base", *runs]:
         with use(name) as active:
-            answers[name] = generate_answers(active, tokenizer, prompts, max_new_tokens)
+            answers[name] = generate_answers(active, tokenizer, prompts, max_new_tokens,
+                                            batch_size=ANSWER_BATCH)
     result = {"source": str(cfg.data.source), "pairs": len(examples), "rows": dict(report),
               "accuracy": accuracies(tables), "sign_tests": sign_tests(tables),
               "answers": [{"prompt": prompt, **{name: answers[name][i] for name in answers}}
@@ -230,7 +234,7 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
         for name in ["SFT", *[n for n in runs if n != "SFT"]]:
             with use(name) as active:
                 texts_of[name] = generate_answers(active, tokenizer, judged_prompts,
-                                                  max_new_tokens)
+                                                  max_new_tokens, batch_size=ANSWER_BATCH)
             labels[name] = [judge_response(q, t).label
                             for q, t in zip(judged_prompts, texts_of[name])]
             if progress:
@@ -300,7 +304,8 @@ def judge_requests(pairs, count: int, models, use, tokenizer, max_new_tokens: in
         with use(name) as active:
             for kind, prompts in (("harmful", harmful), ("helpful", helpful)):
                 out[kind]["answers"][name] = generate_answers(active, tokenizer, prompts,
-                                                              max_new_tokens)
+                                                              max_new_tokens,
+                                                              batch_size=ANSWER_BATCH)
         if progress:
             print(f"[compare] {name}: {len(harmful)} harmful and {len(helpful)} helpful requests "
                   f"answered ({time.perf_counter() - started:.0f} s)", flush=True)

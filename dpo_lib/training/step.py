@@ -198,8 +198,15 @@ def preference_outputs(model, batch: dict, ref: PairLogps | None, layout, cfg: C
     pairs (:func:`dpo_lib.training.reference.reference_rows`; None for a reference-free loss).
     ``average``: the aggregation the loss uses, token means or sums
     (:func:`dpo_lib.core.losses.average_logps`). The policy's log-probs, aggregated, the loss."""
-    loss_type = cfg.train.loss_type
     policy = layout.logps(model, batch)                   # [B] sums and counts, with the graph
+    return preference_outputs_of(policy, ref, cfg, average)
+
+
+def preference_outputs_of(policy: PairLogps, ref: PairLogps | None, cfg: Config,
+                          average: bool) -> tuple[torch.Tensor, PreferenceRows]:
+    """:func:`preference_outputs` from the policy's ``[B]`` rows (:class:`PairLogps`) once they
+    are computed: the aggregation (``average``), the loss and the logged rows."""
+    loss_type = cfg.train.loss_type
     chosen, rejected = policy.logps(average)
     ref_chosen = ref_rejected = None
     if ref is not None:
@@ -335,13 +342,18 @@ def stop_if_not_finite(value: torch.Tensor, what: str, state: TrainState, where:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, examples, cfg: Config, accelerator,
-             reference: PairLogps | None = None) -> dict[str, float]:
+def evaluate(model, examples, cfg: Config, accelerator, reference: PairLogps | None = None,
+             policy: PairLogps | None = None) -> dict[str, float]:
     """Held-out metrics, keys prefixed ``eval/``, in the run's pair layout. SFT stage: token-mean
     NLL of the chosen answers and log-prob preference accuracy; preference stage: the loss and
-    reward metrics of the loss in use (``reference``: the held-out reference log-probs; None for a
-    reference-free loss)."""
+    reward metrics of the loss in use (``reference``: the held-out reference log-probs, ``[N]``
+    rows; None for a reference-free loss). ``policy``: the policy's ``[N]`` rows of ``examples``
+    where they are known without a pass (at step 0 a policy that starts as its reference scores
+    what the reference pass scored, :func:`policy_is_reference`); the model is not run then."""
     layout, average = pair_layout(cfg), average_logps(cfg)
+    if cfg.train.stage == "preference" and policy is not None:
+        return preference_outputs_of(policy, reference, cfg, average)[1].metrics(
+            average, prefix="eval/")
     if cfg.train.stage == "preference":
         def rows_of(model, batch, indices):
             ref = None if reference is None else reference_rows(reference, indices)
@@ -358,3 +370,18 @@ def evaluate(model, examples, cfg: Config, accelerator,
             "eval/logps/rejected": rejected.mean().item(),
             "eval/logps/accuracies": (chosen / sums.chosen_counts >
                                       rejected / sums.rejected_counts).float().mean().item()}
+
+
+def policy_is_reference(model, reference_adapter) -> bool:
+    """Whether the prepared model, before any step, computes exactly what the reference pass
+    computed (:func:`dpo_lib.training.train.reference_passes`), so that the held-out pass at step
+    0 can read the reference's held-out rows instead of running the model again.
+
+    True when the reference pass ran the model with its own adapter (``reference_adapter``: the
+    trainable adapter was loaded from it), or when every ``lora_B`` weight is zero: a fresh LoRA
+    adapter adds exactly zero, so the model equals the base model the reference pass ran with
+    adapters disabled. False otherwise (an adapter initialised with ``B != 0``)."""
+    if reference_adapter is not None:
+        return True
+    weights = [p for name, p in model.named_parameters() if "lora_B" in name]
+    return bool(weights) and all(not p.detach().any() for p in weights)

@@ -35,8 +35,8 @@ from ..core.scoring import pad_id
 from .checkpoints import (MetricsLog, RunFolder, claim_run_folder, latest_checkpoint,
                           load_checkpoint, save_checkpoint)
 from .reference import model_revision, reference_cache_key, reference_cache_root, reference_pass
-from .step import TrainState, evaluate, make_accelerator, prepare_training, total_steps, \
-    training_step
+from .step import TrainState, evaluate, make_accelerator, policy_is_reference, \
+    prepare_training, total_steps, training_step
 
 
 def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunResult:
@@ -64,8 +64,10 @@ def train(cfg: Config, progress: bool = True, keep_model: bool = False) -> RunRe
     plan = BatchPlan(train_examples, cfg, accelerator)
     steps = total_steps(cfg)
     if start == 0 and cfg.train.stage == "preference" and cfg.train.eval_every:
+        # before any step the policy is its reference: its held-out rows are the reference's
+        known = eval_reference if policy_is_reference(model, reference_adapter) else None
         log.write({"step": 0, "examples": 0,
-                   **evaluate(model, eval_examples, cfg, accelerator, eval_reference)})
+                   **evaluate(model, eval_examples, cfg, accelerator, eval_reference, known)})
     model.train()
     bar = tqdm(total=steps, initial=start, desc=run_name(cfg),
                disable=not progress or not accelerator.is_local_main_process)
