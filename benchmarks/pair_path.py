@@ -6,7 +6,8 @@ Every dpo_lib function called on the pair's way is attributed to its module: rea
 tokenizing, the batch order, the cached reference's rows, collation and the forward pass, the
 answer log-probs, the loss. Left out: the frames that only route the pair from one stage to the
 next (the trainer's loop and step, ``load_examples``), reads of settings (``config``), progress
-bars, and the gradient's way back (calls inside an autograd ``backward``). The reference values
+bars, the adapted layers' own forward inside the model (``lora``'s fused LoRA, as peft's forward
+is), and the gradient's way back (calls inside an autograd ``backward``). The reference values
 come from the table the reference pass made before training (the same layout, without a graph).
 Prints the sequence of modules, the files entered, and the re-entries into a module the pair had
 already left; ``-v`` also prints every function.
@@ -27,6 +28,10 @@ from dpo_lib.training.reference import reference_pass  # noqa: E402
 
 ROUTING = {"train", "step"}          # modules whose frames hand the pair on
 SETTINGS = {"config", "schema", "progress"}
+# The adapted layers' own forward (dpo_lib.core.lora.fuse_lora_products) runs inside the model, as
+# peft's forward does: part of the forward pass that layouts runs, not a stage of the pair's way.
+INSIDE_THE_MODEL = {("lora", "_fused_forward"), ("lora", "_fusable"), ("lora", "forward"),
+                    ("lora", "_base_weight")}
 
 
 def trace(fn):
@@ -47,7 +52,8 @@ def trace(fn):
         if not module.startswith("dpo_lib"):
             return
         name = module.split(".")[-1]
-        if name in ROUTING | SETTINGS or frame.f_code.co_name == "load_examples":
+        if name in ROUTING | SETTINGS or frame.f_code.co_name == "load_examples" \
+                or (name, frame.f_code.co_name) in INSIDE_THE_MODEL:
             return
         calls.append((name, frame.f_code.co_name))
 

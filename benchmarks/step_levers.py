@@ -1,6 +1,7 @@
 """Speed levers on the trainer's own step, each on its own: seconds per step and the losses.
 
     python benchmarks/step_levers.py default            # the step as the profile takes it
+    python benchmarks/step_levers.py peft-lora          # LoRA through peft's forward (model.fused_lora false)
     python benchmarks/step_levers.py dequantized-cache  # frozen NF4 base dequantized once, fp32
     python benchmarks/step_levers.py compile-blocks     # torch.compile of each decoder block
     MALLOC_ARENA_MAX=2 python benchmarks/step_levers.py default   # allocator / thread settings
@@ -12,7 +13,9 @@ then ``--steps`` timed steps of :func:`dpo_lib.training.step.training_step` on t
 printing each step's seconds, loss and chosen log-prob. The same command with ``default`` gives
 the numbers to compare with: the same pairs, the same seed, so the losses must agree to float
 tolerance for a lever that is numerically the same. ``benchmarks/RESULTS.md`` (issue 29) holds
-what each lever measured; none is the default, since none paid.
+what each lever measured. One paid and is the default: LoRA's products added into the base
+layer's output (``model.fused_lora``, :func:`dpo_lib.core.lora.fuse_lora_products`); ``peft-lora``
+is the step without it.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DPO_PROGRESS", "0")
 
-LEVERS = ("default", "dequantized-cache", "compile-blocks")
+LEVERS = ("default", "peft-lora", "dequantized-cache", "compile-blocks")
 
 
 def cache_dequantized_base(model) -> int:
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.profile).with_overrides({
         "train.stage": "preference", "train.batch_size": args.batch, "train.warmup_steps": 0,
-        "train.lr_scheduler": "constant", "train.init_adapter": None})
+        "train.lr_scheduler": "constant", "train.init_adapter": None,
+        "model.fused_lora": args.lever != "peft-lora"})
     _, examples, _ = load_examples(cfg, load_tokenizer(cfg), "train", args.batch * (args.steps + 1))
     model, _, state = step_outside_a_run(cfg, examples)
     if args.lever == "dequantized-cache":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PHASES = ("forward", "backward", "optimizer")
 PARTS = ("base GEMM", "LoRA GEMM", "output layer + log-softmax", "dequantization", "attention",
          "element-wise", "overhead")
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear")
 
 
 def gemm_flops(event) -> float:
@@ -49,7 +49,7 @@ def gemm_flops(event) -> float:
         a, b = shapes[0], shapes[1]
         batch = a[0] if event.name == "aten::bmm" else 1
         return 2.0 * batch * a[-2] * a[-1] * b[-1]
-    if event.name == "aten::addmm" and len(shapes) >= 3:
+    if event.name in ("aten::addmm", "aten::addmm_") and len(shapes) >= 3:
         a, b = shapes[1], shapes[2]
         return 2.0 * a[0] * a[1] * b[1]
     return 0.0

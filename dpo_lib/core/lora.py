@@ -94,7 +94,8 @@ def add_lora(model, cfg: Config | None = None, r: int | None = None, alpha: int 
     ``prepare_model_for_kbit_training`` (every base weight frozen; norms, embeddings and head cast
     to fp32), and its 4-bit layers keep their trainable layout (see
     :func:`keep_trainable_4bit_layout`). The adapter's ``B`` starts at zero, so the wrapped model computes exactly what the
-    base model does until the first optimizer step.
+    base model does until the first optimizer step. With ``cfg.model.fused_lora`` (the default)
+    its training forwards go through :func:`fuse_lora_products`.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -119,7 +120,10 @@ def add_lora(model, cfg: Config | None = None, r: int | None = None, alpha: int 
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=targets if isinstance(targets, str) else list(targets),
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if settings.get("fused_lora", True):
+        fuse_lora_products(model)
+    return model
 
 
 def load_trainable_adapter(base, cfg: Config, adapter: Path):
@@ -131,7 +135,10 @@ def load_trainable_adapter(base, cfg: Config, adapter: Path):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         keep_trainable_4bit_layout(base)
     set_gradient_checkpointing(base, cfg.model.gradient_checkpointing)
-    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    if cfg.model.fused_lora:
+        fuse_lora_products(model)
+    return model
 
 
 @contextmanager
@@ -152,3 +159,105 @@ def reference_mode(model):
             yield model
     finally:
         model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA's products fused into the base layer's output (issue 29): the same function, fewer passes
+# --------------------------------------------------------------------------------------------
+
+def _base_weight(layer, dtype) -> torch.Tensor:
+    """``[out, in]``: a frozen base layer's weight in ``dtype``, dequantized from 4 bits the way
+    bitsandbytes' own 4-bit matmul does it (``dequantize_4bit``) for its forward and backward."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, state).to(dtype)
+    return weight.to(dtype)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T``: a linear layer with its frozen weight ``W`` ``[out, in]``
+    (4-bit or not) and a LoRA adapter ``A`` ``[r, in]``, ``B`` ``[out, r]``, scaling ``s``.
+
+    peft computes the same sum as the base output, a copy of it, the two thin products, a
+    multiplication by ``s`` and an addition, each a pass over ``[T, out]``; here the second thin
+    product adds itself into the base output (``addmm_`` with ``alpha = s``), and in the backward
+    pass LoRA's share of ``dL/dx`` adds itself into the base's. Shapes: ``x`` ``[..., in]``,
+    ``y`` ``[..., out]``; ``T`` is the product of the leading dimensions. Backward:
+    ``g = dy B`` ``[T, r]``, ``dx = dy W + s g A``, ``dA = s g^T x``, ``dB = s dy^T (x A^T)``."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, layer, scaling):
+        rows = x.reshape(-1, x.shape[-1])                                 # [T, in]
+        low = rows @ lora_a.t()                                           # [T, r]
+        out = torch.nn.functional.linear(rows, _base_weight(layer, x.dtype), layer.bias)
+        out.addmm_(low, lora_b.t(), alpha=scaling)                        # [T, out]
+        ctx.save_for_backward(rows, low, lora_a, lora_b)
+        ctx.layer, ctx.scaling, ctx.x_shape = layer, scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, low, lora_a, lora_b = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])                   # [T, out]
+        through_b = grad @ lora_b                                         # [T, r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _base_weight(ctx.layer, grad.dtype)          # [T, in]
+            grad_x.addmm_(through_b, lora_a, alpha=ctx.scaling)
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_a = torch.mm(through_b.t(), rows).mul_(ctx.scaling)          # [r, in]
+        grad_b = torch.mm(grad.t(), low).mul_(ctx.scaling)                # [out, r]
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _fusable(layer, x, args, kwargs) -> str | None:
+    """The one active adapter's name where :class:`_LoRALinear` computes what peft's forward does
+    (a forward with grad, plain LoRA without dropout, the adapter on and not merged, no autocast,
+    one dtype), else None."""
+    if not torch.is_grad_enabled() or args or kwargs or layer.disable_adapters or layer.merged \
+            or torch.is_autocast_enabled():
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in layer.lora_A \
+            or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    bias = layer.get_base_layer().bias
+    if x.dtype != layer.lora_A[name].weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return name
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """A peft LoRA layer's forward through :class:`_LoRALinear` where that is the same function,
+    peft's own (the class's ``forward``) otherwise."""
+    name = _fusable(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return _LoRALinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.get_base_layer(), self.scaling[name])
+
+
+def fuse_lora_products(model) -> int:
+    """Make each peft LoRA linear layer of ``model`` compute its training forward through
+    :class:`_LoRALinear` where that is the same function (:func:`_fusable`); peft's forward
+    otherwise, and always without grad, so the reference pass, evaluation and generation keep
+    peft's arithmetic (and the reference cache its keys). Returns the number of layers changed.
+    The same numbers to float rounding (the sum is taken in another order):
+    ``tests/test_lora.py`` holds outputs and gradients to peft's."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear) \
+                and "forward" not in vars(module):                # Linear4bit is a Linear too
+            module.forward = types.MethodType(_fused_forward, module)
+            changed += 1
+    return changed

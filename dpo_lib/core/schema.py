@@ -39,6 +39,9 @@ class ModelSettings:
     lora_alpha: int = _key(16, "LoRA scaling numerator (scale = alpha / r)")
     lora_dropout: float = _key(0.0, "dropout on the LoRA input")
     gradient_checkpointing: bool = _key(False, "recompute activations in backward (less memory)")
+    fused_lora: bool = _key(True, "training forwards add LoRA's products into the base layer's "
+                            "output in one pass (dpo_lib.core.lora.fuse_lora_products; the same "
+                            "numbers to float rounding); false: peft's forward")
     lora_target_modules: Optional[list] = _key(None, "null: every linear layer of the blocks; "
                                                "or a list of module names")
     trust_remote_code: bool = _key(False, "run the model's own code from the Hub (auto_map); "
