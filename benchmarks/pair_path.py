@@ -31,7 +31,7 @@ SETTINGS = {"config", "schema", "progress"}
 # The adapted layers' own forward (dpo_lib.core.lora.fuse_lora_products) runs inside the model, as
 # peft's forward does: part of the forward pass that layouts runs, not a stage of the pair's way.
 INSIDE_THE_MODEL = {("lora", "_fused_forward"), ("lora", "_fusable"), ("lora", "forward"),
-                    ("lora", "_base_weight")}
+                    ("lora", "_base_weight"), ("lora", "_is_linear4bit")}
 
 
 def trace(fn):

@@ -1,7 +1,7 @@
 """Speed levers on the trainer's own step, each on its own: seconds per step and the losses.
 
     python benchmarks/step_levers.py default            # the step as the profile takes it
-    python benchmarks/step_levers.py peft-lora          # LoRA through peft's forward (model.fused_lora false)
+    python benchmarks/step_levers.py peft-lora          # peft's forward (model.fused_lora false)
     python benchmarks/step_levers.py dequantized-cache  # frozen NF4 base dequantized once, fp32
     python benchmarks/step_levers.py compile-blocks     # torch.compile of each decoder block
     MALLOC_ARENA_MAX=2 python benchmarks/step_levers.py default   # allocator / thread settings

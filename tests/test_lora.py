@@ -72,3 +72,28 @@ def test_training_models_are_fused_by_default_and_the_key_turns_it_off():
     off = add_lora(load_model(off_cfg), off_cfg)
     assert any("forward" in vars(m) for m in on.modules())
     assert not any("forward" in vars(m) for m in off.modules())
+
+
+def test_only_plain_and_4bit_layers_are_fused():
+    cfg = load_config("tiny", overrides={"model.quantization": "int8"})
+    int8 = add_lora(load_model(cfg), cfg)          # bitsandbytes' Linear8bitLt: peft's forward
+    assert not any("forward" in vars(m) for m in int8.modules())
+
+
+def test_the_fused_output_takes_in_place_operations():
+    model = lora_model("nf4")
+    fuse_lora_products(model)
+    layer = next(m for m in model.modules() if "forward" in vars(m))
+    x = torch.randn(2, 5, layer.get_base_layer().in_features, requires_grad=True)
+    y = layer(x)
+    y.mul_(2.0).sum().backward()                   # an architecture that scales in place
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_loaded_trainable_adapter_is_fused(tmp_path):
+    from dpo_lib.core.lora import load_trainable_adapter
+
+    cfg = load_config("tiny")
+    add_lora(load_model(cfg), cfg).save_pretrained(tmp_path / "adapter")
+    loaded = load_trainable_adapter(load_model(cfg), cfg, tmp_path / "adapter")
+    assert any("forward" in vars(m) for m in loaded.modules())

@@ -739,7 +739,7 @@ def test_policy_is_reference_only_while_the_adapter_adds_nothing(tmp_path):
     cfg = tiny(tmp_path, "run", stage="preference")
     model = add_lora(load_model(cfg), cfg)
     assert step_lib.policy_is_reference(model, None)             # a fresh adapter: B = 0
-    assert step_lib.policy_is_reference(model, tmp_path)         # started from the reference's adapter
+    assert step_lib.policy_is_reference(model, tmp_path)         # from the reference's adapter
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = 1e-3
     assert not step_lib.policy_is_reference(model, None)

@@ -165,9 +165,18 @@ def reference_mode(model):
 # LoRA's products fused into the base layer's output (issue 29): the same function, fewer passes
 # --------------------------------------------------------------------------------------------
 
+def _is_linear4bit(layer) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
 def _base_weight(layer, dtype) -> torch.Tensor:
-    """``[out, in]``: a frozen base layer's weight in ``dtype``, dequantized from 4 bits the way
-    bitsandbytes' own 4-bit matmul does it (``dequantize_4bit``) for its forward and backward."""
+    """``[out, in]``: a frozen base layer's weight in ``dtype``; a 4-bit one dequantized as
+    bitsandbytes' matmul does it on a CPU (``dequantize_4bit``, then a plain linear) and in its
+    backward pass everywhere."""
     weight = layer.weight
     state = getattr(weight, "quant_state", None)
     if state is not None:
@@ -192,11 +201,18 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, layer, scaling):
         rows = x.reshape(-1, x.shape[-1])                                 # [T, in]
         low = rows @ lora_a.t()                                           # [T, r]
-        out = torch.nn.functional.linear(rows, _base_weight(layer, x.dtype), layer.bias)
-        out.addmm_(low, lora_b.t(), alpha=scaling)                        # [T, out]
+        weight = _base_weight(layer, x.dtype)                             # [out, in]
+        # a tensor of its own, not a view, so that later in-place operations on it are allowed
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])                 # [..., out]
+        flat = out.view(-1, weight.shape[0])                              # [T, out]
+        if layer.bias is None:
+            torch.mm(rows, weight.t(), out=flat)
+        else:
+            torch.addmm(layer.bias, rows, weight.t(), out=flat)
+        flat.addmm_(low, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(rows, low, lora_a, lora_b)
         ctx.layer, ctx.scaling, ctx.x_shape = layer, scaling, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -208,15 +224,19 @@ class _LoRALinear(torch.autograd.Function):
             grad_x = grad @ _base_weight(ctx.layer, grad.dtype)          # [T, in]
             grad_x.addmm_(through_b, lora_a, alpha=ctx.scaling)
             grad_x = grad_x.view(ctx.x_shape)
-        grad_a = torch.mm(through_b.t(), rows).mul_(ctx.scaling)          # [r, in]
-        grad_b = torch.mm(grad.t(), low).mul_(ctx.scaling)                # [out, r]
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_a = torch.mm(through_b.t(), rows).mul_(ctx.scaling)      # [r, in]
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.mm(grad.t(), low).mul_(ctx.scaling)            # [out, r]
         return grad_x, grad_a, grad_b, None, None
 
 
 def _fusable(layer, x, args, kwargs) -> str | None:
     """The one active adapter's name where :class:`_LoRALinear` computes what peft's forward does
-    (a forward with grad, plain LoRA without dropout, the adapter on and not merged, no autocast,
-    one dtype), else None."""
+    (a forward with grad, plain LoRA without dropout or a bias of its own, the adapter on and not
+    merged, no autocast, one dtype, a frozen base that is a plain ``nn.Linear`` or a 4-bit layer on
+    the CPU computing in the input's dtype), else None."""
     if not torch.is_grad_enabled() or args or kwargs or layer.disable_adapters or layer.merged \
             or torch.is_autocast_enabled():
         return None
@@ -227,7 +247,18 @@ def _fusable(layer, x, args, kwargs) -> str | None:
     name = active[0]
     if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
-    bias = layer.get_base_layer().bias
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    base = layer.get_base_layer()
+    if _is_linear4bit(base):
+        if x.device.type != "cpu" or getattr(base.weight, "quant_state", None) is None \
+                or base.compute_dtype not in (None, x.dtype):
+            return None
+    elif type(base) is not torch.nn.Linear:                 # int8 and other quantized layers
+        return None
+    bias = base.bias
+    if base.weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
     if x.dtype != layer.lora_A[name].weight.dtype or (bias is not None and bias.dtype != x.dtype):
         return None
     return name
@@ -256,8 +287,10 @@ def fuse_lora_products(model) -> int:
 
     changed = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear) \
-                and "forward" not in vars(module):                # Linear4bit is a Linear too
+        if not isinstance(module, LoraLayer) or "forward" in vars(module):
+            continue
+        base = module.get_base_layer()
+        if type(base) is torch.nn.Linear or _is_linear4bit(base):     # not int8's Linear8bitLt
             module.forward = types.MethodType(_fused_forward, module)
             changed += 1
     return changed

@@ -41,8 +41,8 @@ from .baselines import Baseline, against_baseline, length_baselines, mean_drop  
 from .stats import (Equivalence, Power, PromptComparison, compare_over_prompts,  # noqa: F401
                     equivalence_test, group_means, per_prompt, power_statement, sign_test_power)
 
-# The recorded comparisons (data/example-runs/*/comparison.json) generated their answers in batches
-# of 8; keeping that batch keeps a rerun's greedy answers the recorded ones (generate_answers).
+# The recorded comparisons (data/example-runs/*/comparison.json) answered in batches of 8: kept,
+# so the same adapters compared again answer as recorded (generate_answers' default is 48).
 ANSWER_BATCH = 8
 
 
@@ -215,7 +215,7 @@ def _compare(cfg, runs, n_pairs, n_answers, extra_prompts, max_new_tokens, progr
     for name in ["base", *runs]:
         with use(name) as active:
             answers[name] = generate_answers(active, tokenizer, prompts, max_new_tokens,
-                                            batch_size=ANSWER_BATCH)
+                                            ANSWER_BATCH)
     result = {"source": str(cfg.data.source), "pairs": len(examples), "rows": dict(report),
               "accuracy": accuracies(tables), "sign_tests": sign_tests(tables),
               "answers": [{"prompt": prompt, **{name: answers[name][i] for name in answers}}
