@@ -166,6 +166,8 @@ def measure(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lo
 
 def predict(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lora_r: int,
             double_quant: bool, compute_dtype: str, shared: bool = False, chunked: bool = False):
+    import torch
+
     from dpo_lib.lessons.memory import estimate_memory
     from dpo_lib.core.models import SMOLLM2
 
@@ -173,7 +175,8 @@ def predict(arch: str, quant: str, batch: int, seq: int, checkpointing: bool, lo
     return estimate_memory(shapes_of, quantization=quant, double_quant=double_quant,
                            lora_r=lora_r, batch=batch, seq_len=seq,
                            gradient_checkpointing=checkpointing, compute_dtype=compute_dtype,
-                           shared_prompt=shared, chunked_head=chunked, prompt_len=seq // 2)
+                           shared_prompt=shared, chunked_head=chunked, prompt_len=seq // 2,
+                           cpu=not torch.cuda.is_available())
 
 
 def layout(run: dict) -> str:

@@ -54,9 +54,13 @@ def test_prompt_mismatch_is_an_error():
         PackedLayout().collate([bad], 0)
 
 
-@pytest.mark.parametrize("chunk_elements", [2 ** 24, 11 * 3])   # one chunk; 3 rows a chunk
-def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_elements):
+# one chunk, its softmax kept for backward; 3 rows a chunk, none kept (the output layer applied
+# again in backward); 3 rows a chunk, only the first kept (the short last one, 11 elements, would
+# fit what is left of the budget, but only a first run of chunks is kept)
+@pytest.mark.parametrize("chunk_elements, saved", [(2 ** 24, 2 ** 28), (11 * 3, 0), (11 * 3, 44)])
+def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_elements, saved):
     monkeypatch.setattr("dpo_lib.core.logps.CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("dpo_lib.core.logps.SAVED_SOFTMAX_ELEMENTS", saved)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     head = torch.nn.Linear(8, 11, dtype=torch.float64)
@@ -72,6 +76,22 @@ def test_head_logps_equals_response_logps_of_the_logits(monkeypatch, chunk_eleme
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(head_logps(hidden, head, targets, average=True),
                                response_logps(head(hidden), targets, average=True))
+
+
+def test_head_logps_backward_twice_gives_the_same_gradients(monkeypatch):
+    """The kept softmax is turned into the gradient in place; a second backward through the same
+    graph (retain_graph) recomputes it instead of reading the used-up chunk."""
+    monkeypatch.setattr("dpo_lib.core.logps.CHUNK_ELEMENTS", 11 * 3)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    targets = torch.randint(0, 11, (1, 7), generator=generator)
+    total = head_logps(hidden[None], head, targets).sum()
+    first, = torch.autograd.grad(total, hidden, retain_graph=True)
+    second, = torch.autograd.grad(total, hidden)
+    expected, = torch.autograd.grad(response_logps(head(hidden[None]), targets).sum(), hidden)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
 
 
 def tiny_model_and_pairs(n_pairs: int, attention: str):

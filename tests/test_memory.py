@@ -41,6 +41,16 @@ def test_parts_follow_the_formats_and_checkpointing():
     assert checkpointed.logits == nf4_dq.logits == 8 * 512 * 50304 * 2 * 2 + chunk * 4 * 2
     chunked = estimate_memory("pythia-2.8b", "nf4", chunked_head=True, prompt_len=256, **kwargs)
     assert chunked.logits == 8 * 256 * 2560 * 2 + chunk * (4 + 4 + 2) < nf4_dq.logits / 4
+    # on a CPU the chunked head keeps the fp32 softmax of all 2,048 answer tokens (2^28 elements
+    # hold 5,328 rows of 50,304) for the backward pass
+    on_cpu = estimate_memory("pythia-2.8b", "nf4", chunked_head=True, prompt_len=256, cpu=True,
+                             **kwargs)
+    assert on_cpu.logits == chunked.logits + 8 * 256 * 50304 * 4
+    long_cpu = estimate_memory("pythia-2.8b", "nf4", chunked_head=True, prompt_len=256, cpu=True,
+                               **dict(kwargs, seq_len=4096))    # 8 x 3,840 answer tokens: capped
+    long_gpu = estimate_memory("pythia-2.8b", "nf4", chunked_head=True, prompt_len=256,
+                               **dict(kwargs, seq_len=4096))
+    assert long_cpu.logits == long_gpu.logits + 5328 * 50304 * 4 <= long_gpu.logits + 2 ** 30
     packed = estimate_memory("pythia-2.8b", "nf4", shared_prompt=True, prompt_len=256, **kwargs)
     assert packed.activations < nf4_dq.activations
     assert nf4.total == nf4.weights + nf4.lora + nf4.activations + nf4.logits

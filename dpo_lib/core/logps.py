@@ -143,10 +143,22 @@ def response_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = 
     return _summed(logits, targets, average, ignore_index)
 
 
+#: Elements of the ``[M, V]`` softmax the output layer keeps from forward for backward on a CPU
+#: (1 GiB of fp32), where the product is the scarce part; the chunks past it, and all of them on a
+#: GPU (memory is), are recomputed in backward (one more ``[n, H] x [H, V]`` product each).
+SAVED_SOFTMAX_ELEMENTS = 1 << 28
+
+
 class _HeadLabelLogProbs(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[target] for ``hidden [M, H]``, ``weight [V, H]``,
-    ``targets [M]``, in fp32: the output layer applied a chunk of rows at a time, in forward and
-    again in backward, so that no ``[M, V]`` logits are ever held (only the ``[M]`` normalisers).
+    ``targets [M]``, in fp32: the output layer applied a chunk of rows at a time, so that no
+    ``[M, V]`` logits are ever held at once beyond :data:`SAVED_SOFTMAX_ELEMENTS` (on a CPU; none
+    on a GPU).
+
+    Forward turns each chunk's logits in place into its softmax ``p`` and keeps the chunks that fit
+    the budget; backward forms ``d logits = g (onehot(target) - p)`` from a kept chunk in place, or
+    from the output layer applied again (the chunks past the budget, or a second backward), then
+    ``d hidden = d logits @ weight``. The ``[M]`` log-normalisers are kept for the recomputation.
     """
 
     @staticmethod
@@ -156,6 +168,9 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         log_norm = torch.empty_like(out)
+        kept = []
+        budget = SAVED_SOFTMAX_ELEMENTS if any(ctx.needs_input_grad[:3]) \
+            and hidden.device.type == "cpu" else 0
         for start in range(0, hidden.shape[0], rows):
             stop = min(hidden.shape[0], start + rows)
             # hidden in the layer's dtype, as backward recomputes it (under autocast an fp32
@@ -164,24 +179,35 @@ class _HeadLabelLogProbs(torch.autograd.Function):
             log_norm[start:stop] = torch.logsumexp(logits, dim=-1)
             out[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1) \
                 - log_norm[start:stop]
+            if logits.numel() <= budget:          # the first chunks only: backward counts them
+                budget -= logits.numel()
+                kept.append(logits.sub_(log_norm[start:stop, None]).exp_())      # p, [n, V]
+            else:
+                budget = 0
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.softmax = kept
         return out
 
     @staticmethod
     @torch.profiler.record_function("output_layer")
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        kept, ctx.softmax = ctx.softmax, []       # used up in place: a 2nd backward recomputes
         dtype = log_norm.dtype
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], rows):
+        for index, start in enumerate(range(0, hidden.shape[0], rows)):
             stop = min(hidden.shape[0], start + rows)
             g = grad_out[start:stop].to(dtype).unsqueeze(-1)                        # [n, 1]
             chunk = hidden[start:stop].to(weight.dtype)
-            logits = F.linear(chunk, weight, bias).to(dtype)
-            d_logits = -g * torch.exp(logits - log_norm[start:stop, None])          # [n, V]
+            if index < len(kept):
+                d_logits = kept[index].mul_(-g)                                     # [n, V]
+                kept[index] = None
+            else:
+                logits = F.linear(chunk, weight, bias).to(dtype)
+                d_logits = logits.sub_(log_norm[start:stop, None]).exp_().mul_(-g)  # [n, V]
             d_logits.scatter_add_(-1, targets[start:stop, None], g)
             d_logits = d_logits.to(weight.dtype)
             if grad_hidden is not None:

@@ -24,7 +24,9 @@ seq_len=512, gradient_checkpointing=True)`` returns a :class:`MemoryEstimate` wi
   at a time in each direction. Chunked (``train.chunked_head``): no logits tensor; the final
   hidden states of the answer tokens (a ``[M, H]`` copy) and one chunk's fp32 logits, their
   gradient and its copy in the weights' dtype: the largest single item for short models with big
-  vocabularies becomes a constant.
+  vocabularies becomes a constant. On a CPU (``cpu=True``) the chunked head also keeps the fp32
+  softmax of its first chunks for the backward pass, up to
+  :data:`dpo_lib.core.logps.SAVED_SOFTMAX_ELEMENTS` (there the product it saves is what is scarce).
 
 DPO scores chosen and rejected responses in one forward pass, so ``batch`` preference pairs make
 ``2 * batch`` sequences (``pairs=False``: ``batch`` is the number of sequences); with
@@ -41,7 +43,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..core.logps import CHUNK_ELEMENTS
+from ..core.logps import CHUNK_ELEMENTS, SAVED_SOFTMAX_ELEMENTS
 from .quantization import bytes_per_parameter
 
 GB = 1e9
@@ -138,7 +140,7 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
                     lora_r: int = 8, batch: int = 4, seq_len: int = 512,
                     gradient_checkpointing: bool = False, compute_dtype: str = "bfloat16",
                     pairs: bool = True, chunked_head: bool = False, shared_prompt: bool = False,
-                    prompt_len: int = 0) -> MemoryEstimate:
+                    prompt_len: int = 0, cpu: bool = False) -> MemoryEstimate:
     """Predicted peak memory of one LoRA training step (bytes, by part).
 
     ``model``: an architecture name, config or model (see :func:`model_shapes`).
@@ -148,7 +150,8 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
     (``pairs=True``: ``2 * batch`` sequences of ``seq_len`` tokens) or sequences.
     ``chunked_head``, ``shared_prompt``: the trainer's ``train.chunked_head`` and
     ``train.shared_prompt``; ``prompt_len``: the prompt's tokens in each sequence (labels -100;
-    the packed layout holds them once per pair, the chunked head skips them).
+    the packed layout holds them once per pair, the chunked head skips them). ``cpu``: the step
+    runs on a CPU (the chunked head keeps part of its softmax, see the module's docstring).
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(model)
     if compute_dtype not in DTYPE_BYTES:
@@ -184,6 +187,10 @@ def estimate_memory(model, quantization: str = "nf4", double_quant: bool = True,
     if chunked_head:   # one chunk of rows through the head: fp32 logits, their gradient, a copy
         chunk = min(CHUNK_ELEMENTS // shapes.vocab * shapes.vocab, answer_tokens * shapes.vocab)
         logits = answer_tokens * shapes.hidden * act_bytes + chunk * (4 + 4 + act_bytes)
+        if cpu:        # the softmax of the chunks that fit the budget, kept for backward
+            rows = max(1, CHUNK_ELEMENTS // shapes.vocab)
+            kept_rows = min(answer_tokens, SAVED_SOFTMAX_ELEMENTS // (rows * shapes.vocab) * rows)
+            logits += kept_rows * shapes.vocab * 4
     else:              # logits kept for backward and their gradient; one sequence's fp32 chunk
         chunk = min(CHUNK_ELEMENTS // shapes.vocab * shapes.vocab, seq_len * shapes.vocab)
         # the packed layout also gathers the answer positions' logits out of the sequence's
