@@ -120,8 +120,17 @@ def paired(lever: str, model, state, batches) -> None:
     print(f"{lever}: {statistics.mean(times[True]):.2f} s per step on, "
           f"{statistics.mean(times[False]):.2f} s off; off/on per batch: median "
           f"{statistics.median(ratios):.3f}x, mean {statistics.mean(ratios):.3f}x (min "
-          f"{min(ratios):.3f}, max {max(ratios):.3f}; on faster in "
-          f"{sum(r > 1 for r in ratios)} of {len(ratios)} batches)")
+          f"{min(ratios):.3f}, max {max(ratios):.3f}; of {len(ratios)} batches: "
+          f"{tally(ratios)})")
+
+
+def tally(ratios: list[float], tie: float = 0.005) -> str:
+    """How many off/on ratios say the lever is faster, slower, or within ``tie`` of even (a
+    difference the step's timer does not resolve is not a win)."""
+    faster = sum(r > 1 + tie for r in ratios)
+    slower = sum(r < 1 - tie for r in ratios)
+    return (f"on faster in {faster}, off faster in {slower}, within {tie:.1%} in "
+            f"{len(ratios) - faster - slower}")
 
 
 def compile_blocks(model, accelerator) -> int:

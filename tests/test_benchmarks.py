@@ -185,3 +185,16 @@ def test_step_levers_runs_the_trainers_step():
     warm_up = re.search(r"warm-up: [\d.]+ s, loss ([\d.]+)", done.stdout)
     assert warm_up and abs(float(warm_up.group(1)) - 0.693147) < 1e-5, done.stdout
     assert re.search(r"default: [\d.]+ s per step over 1 steps", done.stdout), done.stdout
+
+
+def test_step_levers_counts_ties_apart():
+    """A paired comparison's tally: a batch whose two times differ by less than the timer resolves
+    counts as neither a win nor a loss (batch 0 of the 2026-12-05 log printed 2.27 s both ways)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from step_levers import tally
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # off/on of recompute-head's log (cpu profile), the first pair 0.4 % apart
+    ratios = [2.28 / 2.27, 2.89 / 2.85, 3.18 / 3.30, 2.82 / 2.88, 3.46 / 3.20]
+    assert tally(ratios) == "on faster in 2, off faster in 2, within 0.5% in 1"
