@@ -17,13 +17,13 @@ the numbers to compare with: the same pairs, the same seed, so the losses must a
 tolerance for a lever that is numerically the same. ``--paired`` times a lever that can be
 switched on a built model (``peft-lora``, ``dequantized-cache``, ``recompute-head``, ``heap``,
 ``flush-denormal``) against the step without it in one process: a warm-up over every batch both
-ways, then each batch taken with and without it in alternating order (ABBA), so that the machine's drift between runs (10 % and more on shared
-2-core machines) falls out of the ratio; its losses are not comparable (the steps train the
-model). ``benchmarks/RESULTS.md`` (issue 29) holds what each lever measured. Two paid and are the
-default: LoRA's products added into the base layer's output (``model.fused_lora``,
-:func:`dpo_lib.core.lora.fuse_lora_products`; ``peft-lora`` is the step without it) and the
-output layer's softmax kept for backward on a CPU (``logps.SAVED_SOFTMAX_ELEMENTS``;
-``recompute-head`` is the step without it).
+ways, then each batch taken with and without it in alternating order (ABBA), so that the
+machine's drift between runs (10 % and more on shared 2-core machines) falls out of the ratio;
+its losses are not comparable (the steps train the model). ``benchmarks/RESULTS.md`` (issue 29)
+holds what each lever measured. Two paid and are the default: LoRA's products added into the
+base layer's output (``model.fused_lora``, :func:`dpo_lib.core.lora.fuse_lora_products`;
+``peft-lora`` is the step without it) and the output layer's softmax kept for backward on a CPU
+(``logps.SAVED_SOFTMAX_ELEMENTS``; ``recompute-head`` is the step without it).
 """
 from __future__ import annotations
 
