@@ -45,6 +45,7 @@ CHOICES = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.group_length": ("row", "longer_side"),
     "train.wandb": ("disabled", "offline", "online"),
 }
 

@@ -8,7 +8,8 @@ import pytest
 from dpo_lib.core import data
 from dpo_lib.core import hub
 from dpo_lib.core.batches import IGNORE_INDEX, batch_indices, sft_examples, tokenize_pairs
-from dpo_lib.core.layouts import PlainLayout, SequenceLayout, padding_fraction, padding_report
+from dpo_lib.core.layouts import (PackedLayout, PlainLayout, SequenceLayout, padding_fraction,
+                                  padding_report, real_tokens)
 from dpo_lib.core.data import ASSISTANT, HUMAN, PairError, load_preference_pairs, split_hh_pair
 from dpo_lib.core.hub import HubUnavailableError
 from pathlib import Path
@@ -495,3 +496,33 @@ def test_length_grouping_covers_every_example_once_and_cuts_padding():
     assert report["length_grouped"] < 0.5 * report["random"]
     assert batch_indices(examples, 8, seed=1) == batch_indices(examples, 8, seed=1)
     assert batch_indices(examples, 8, seed=1) != batch_indices(examples, 8, seed=2)
+
+
+def test_each_layout_groups_by_the_length_of_its_own_rows():
+    """A layout's ``length`` is the row its collate makes of one example (the packed layout's
+    ``P + C + R``, longer than either side); grouping the packed layout's batches by it leaves
+    less padding than grouping by the longer side, which the packed rows do not have."""
+    from dpo_lib.core.models import load_tokenizer
+
+    pairs, _ = load_preference_pairs("bundled", "train", limit=400)
+    examples, _ = tokenize_pairs(pairs, load_tokenizer("tiny-gpt-neox"), 128, 96)
+    for layout, key, items in ((PlainLayout(), "chosen_input_ids", examples),
+                               (PackedLayout(), "input_ids", examples),
+                               (SequenceLayout(), "input_ids", sft_examples(examples))):
+        for example in items[:50]:
+            assert layout.length(example) == layout.collate([example], 0)[key].shape[1]
+    packed = PackedLayout()
+    assert any(packed.length(e) > max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
+               for e in examples)
+
+    def padded(batches):
+        return sum(real_tokens(packed.collate([examples[i] for i in b], 0))[1] for b in batches) \
+            - sum(packed.length(e) for e in examples)
+
+    by_longer_side = padded(batch_indices(examples, 8, seed=1))
+    by_packed_row = padded(batch_indices(examples, 8, seed=1,
+                                         lengths=[packed.length(e) for e in examples]))
+    assert by_packed_row < 0.8 * by_longer_side, (by_packed_row, by_longer_side)
+    report = padding_report(examples, 8, packed, seed=1)
+    assert report["length_grouped"] == pytest.approx(
+        by_packed_row / (by_packed_row + sum(packed.length(e) for e in examples)))

@@ -134,13 +134,15 @@ def test_packed_logps_and_gradients_equal_the_plain_forward(attention, chunked):
 @pytest.mark.parametrize("stage", ["preference", "sft"])
 def test_training_with_the_speed_switches_matches_plain(tmp_path, stage):
     """Three steps in tiny: the same loss curve with the packed forward and the chunked output
-    layer as without (SFT: the chunked output layer only)."""
+    layer as without (SFT: the chunked output layer only). In random order: grouped by length,
+    each layout groups by its own rows' length and the two runs see other batches."""
     losses = {}
     for fast in (False, True):
         cfg = load_config("tiny", overrides={
             "train.stage": stage, "train.preference_steps": 3, "train.sft_steps": 3,
             "train.eval_every": 0, "train.save_every": 0, "train.shared_prompt": fast,
-            "train.chunked_head": fast, "train.output_dir": str(tmp_path / f"run-{fast}")})
+            "train.chunked_head": fast, "train.group_by_length": False,
+            "train.output_dir": str(tmp_path / f"run-{fast}")})
         rows = trainer.train(cfg, progress=False).metrics
         keys = ("loss", "logps/chosen", "logps/rejected") if stage == "preference" else ("loss",)
         losses[fast] = [[row[k] for k in keys] for row in rows if "loss" in row]

@@ -380,6 +380,40 @@ def test_sft_step_with_one_micro_batch_is_the_plain_token_mean(tmp_path):
     assert logged["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
 
 
+def test_the_trainer_groups_packed_pairs_by_their_packed_rows():
+    """The packed layout's rows hold the prompt once and both answers: the trainer's epoch,
+    collated as it trains, pads less than the same epoch grouped by the longer side (what pairs
+    side by side take), and covers every pair once; ``train.group_length=longer_side`` gives the
+    older grouping back."""
+    import types
+
+    from dpo_lib.core.batches import example_length
+    from dpo_lib.core.layouts import PackedLayout, real_tokens
+    from dpo_lib.core.models import load_tokenizer
+
+    cfg = load_config("tiny", overrides={"train_limit": 96, "stage": "preference",
+                                         "shared_prompt": True, "batch_size": 4})
+    examples, _ = train_lib.run_examples(cfg, load_tokenizer(cfg))
+    plan = train_lib.BatchPlan(examples, cfg, types.SimpleNamespace(process_index=0,
+                                                                    num_processes=1))
+    epoch = [plan.indices(n) for n in range(plan.per_epoch)]
+    assert sorted(i for b in epoch for i in b) == list(range(len(examples)))
+    layout = PackedLayout()
+
+    def positions(batches):
+        return sum(real_tokens(layout.collate([examples[i] for i in b], 0))[1] for b in batches)
+
+    real = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"])
+               - len(e["prompt_input_ids"]) for e in examples)
+    by_longer_side = batch_indices(examples, 4, True, seed=cfg.seed * 1000,
+                                   lengths=[example_length(e) for e in examples])
+    assert positions(epoch) - real < 0.8 * (positions(by_longer_side) - real)
+    # train.group_length=longer_side: the batches of the runs before 2026-12-05 (the committed ones)
+    old = train_lib.BatchPlan(examples, cfg.with_overrides({"train.group_length": "longer_side"}),
+                              types.SimpleNamespace(process_index=0, num_processes=1))
+    assert [old.indices(n) for n in range(old.per_epoch)] == by_longer_side
+
+
 @pytest.mark.parametrize("stage, overrides", [
     ("preference", {"lora_dropout": 0.1}),
     ("sft", {"lora_dropout": 0.1, "quantization": "nf4", "gradient_accumulation_steps": 2}),

@@ -113,22 +113,29 @@ def sft_examples(examples: Sequence[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 def example_length(example: dict) -> int:
-    """Tokens one example occupies in a batch (the longer side of a pair)."""
+    """Tokens one example occupies in a row of a batch with chosen and rejected side by side (the
+    longer side of a pair) or in a sequence batch. The packed layout's rows are longer:
+    :meth:`dpo_lib.core.layouts.PackedLayout.length`."""
     if "input_ids" in example:
         return len(example["input_ids"])
     return max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
 
 
 def batch_indices(examples: Sequence[dict], batch_size: int, group_by_length: bool = True,
-                  seed: int = 0) -> list[list[int]]:
+                  seed: int = 0, lengths: Sequence[int] | None = None) -> list[list[int]]:
     """Shuffled batches of example indices; with ``group_by_length``, examples of similar length
-    share a batch (transformers' mega-batch scheme: shuffle, sort within groups of 50 batches),
-    which cuts padding while keeping the order random."""
+    share a batch (transformers' mega-batch scheme: shuffle, sort within groups of up to 50
+    batches), which cuts padding while keeping the order random. ``lengths``: per example, the
+    positions it takes in a row of the batch's layout (:func:`dpo_lib.core.layouts.grouping_lengths`;
+    default :func:`example_length`); grouping by another length than the rows have leaves padding
+    that the right one removes."""
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        order = get_length_grouped_indices([example_length(e) for e in examples], batch_size,
+        if lengths is None:
+            lengths = [example_length(e) for e in examples]
+        order = get_length_grouped_indices(list(lengths), batch_size,
                                            generator=generator)
     else:
         order = torch.randperm(len(examples), generator=generator).tolist()

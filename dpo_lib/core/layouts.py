@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .batches import IGNORE_INDEX
+from .batches import IGNORE_INDEX, example_length
 from .errors import ConfigError, DataError
 from .logps import PairLogps, answer_counts, model_states, states_logps
 
@@ -59,6 +59,11 @@ class PairLayout:
         return f"{type(self).__name__}(chunked_head={self.chunked_head})"
 
     def collate(self, examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def length(self, example: dict) -> int:
+        """Positions ``example`` takes in a row of this layout's batches (what batches grouped by
+        length sort on: :func:`grouping_lengths`)."""
         raise NotImplementedError
 
     def answer_states(self, model, batch, hidden: bool):
@@ -102,6 +107,10 @@ class PlainLayout(PairLayout):
                                              IGNORE_INDEX, length)
         return batch
 
+    def length(self, example):
+        """The longer side: each answer is a row of its own, both padded to the batch's longest."""
+        return example_length(example)
+
     def _forward(self, model, batch, hidden: bool):
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # [2B, L]
         attention_mask = torch.cat([batch["chosen_attention_mask"],
@@ -131,6 +140,12 @@ class PackedLayout(PairLayout):
     answer seeing the prompt and itself only."""
 
     name = "packed"
+
+    def length(self, example):
+        """``P + C + R``: the prompt once and both answers in one row (``chosen_input_ids`` and
+        ``rejected_input_ids`` each hold the prompt)."""
+        return (len(example["chosen_input_ids"]) + len(example["rejected_input_ids"])
+                - len(example["prompt_input_ids"]))
 
     def collate(self, examples, pad_token_id):
         """``[B, T]`` tensors ``input_ids``, ``position_ids``, ``segment_ids`` (0 prompt, 1 chosen,
@@ -210,6 +225,10 @@ class SequenceLayout:
     def __repr__(self):
         return f"SequenceLayout(chunked_head={self.chunked_head})"
 
+    def length(self, example: dict) -> int:
+        """The sequence's tokens."""
+        return len(example["input_ids"])
+
     def collate(self, examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``labels``, each ``[B, L]`` (right-padded)."""
         length = max(len(e["input_ids"]) for e in examples)
@@ -233,6 +252,15 @@ def layout_for(cfg) -> PairLayout | SequenceLayout:
     if cfg.train.stage == "sft":
         return SequenceLayout(chunked)
     return PackedLayout(chunked) if cfg.train.shared_prompt else PlainLayout(chunked)
+
+
+def grouping_lengths(cfg, examples: Sequence[dict]) -> list[int]:
+    """Per example, what the trainer's batches grouped by length sort on (``train.group_length``):
+    ``row``, the positions it takes in a row of :func:`layout_for`'s layout; ``longer_side``, the
+    longer answer (:func:`dpo_lib.core.batches.example_length`), as runs before 2026-12-05 did:
+    the same for pairs side by side and for SFT, more padding for the packed layout."""
+    length = layout_for(cfg).length if cfg.train.group_length == "row" else example_length
+    return [length(e) for e in examples]
 
 
 def pair_layout(cfg) -> PairLayout:
@@ -311,15 +339,16 @@ def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
 def padding_report(examples: Sequence[dict], batch_size: int, layout=None,
                    seed: int = 0) -> dict[str, float]:
     """Padding fraction over a whole epoch of batches in ``layout`` (default: sequences for SFT
-    examples, pairs side by side otherwise), shuffled at random vs grouped by length."""
+    examples, pairs side by side otherwise), shuffled at random vs grouped by the layout's
+    length (as the trainer groups them)."""
     from .batches import batch_indices
 
     if layout is None:
         layout = SequenceLayout() if "input_ids" in examples[0] else PlainLayout()
-    result = {}
+    result, lengths = {}, [layout.length(e) for e in examples]
     for name, grouped in (("random", False), ("length_grouped", True)):
         padded = real = 0
-        for indices in batch_indices(examples, batch_size, grouped, seed):
+        for indices in batch_indices(examples, batch_size, grouped, seed, lengths):
             tokens, positions = real_tokens(layout.collate([examples[i] for i in indices], 0))
             padded += positions - tokens
             real += tokens

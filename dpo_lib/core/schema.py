@@ -113,6 +113,10 @@ class TrainSettings:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _key(
         "auto", "auto: bf16, or fp16 on GPUs without bf16; no on CPU")
     group_by_length: bool = _key(True, "batches of similar lengths (less padding), order still random")
+    group_length: Literal["row", "longer_side"] = _key(
+        "row", "the length grouped batches sort on: row, the positions a pair (SFT: a sequence) "
+        "takes in a row of the run's layout (packed: prompt + both answers); longer_side, the "
+        "longer answer, as every run before 2026-12-05 grouped (the committed example runs)")
     shared_prompt: bool = _key(False, "chosen and rejected packed behind one copy of the prompt "
                                "(dpo_lib.core.layouts.PackedLayout)")
     chunked_head: bool = _key(False, "the output layer only at answer positions, in chunks "

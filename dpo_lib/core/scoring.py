@@ -23,9 +23,10 @@ def pad_id(model) -> int:
     return 0 if pad is None else int(pad)
 
 
-def length_sorted_batches(examples, batch_size: int) -> list[list[int]]:
-    """Batches of indices sorted by length: the least padding for a pass whose order is free."""
-    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+def length_sorted_batches(examples, batch_size: int, length=example_length) -> list[list[int]]:
+    """Batches of indices sorted by ``length`` (a layout's ``length``: the positions an example
+    takes in a row): the least padding for a pass whose order is free."""
+    order = sorted(range(len(examples)), key=lambda i: length(examples[i]))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -48,7 +49,7 @@ def pass_over_pairs(model, examples, layout, batch_size: int, rows_of, accelerat
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
     device = next(unwrapped.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = length_sorted_batches(examples, batch_size)[rank::world]
+    mine = length_sorted_batches(examples, batch_size, layout.length)[rank::world]
     autocast = accelerator.autocast() if accelerator is not None else nullcontext()
     results = []
     was_training = unwrapped.training

@@ -28,7 +28,7 @@ from ..core.batches import batch_indices, load_examples, sft_examples
 from ..core.cli import command, parse_run_arguments
 from ..core.config import Config, load_config
 from ..core.errors import DataError, MissingFileError
-from ..core.layouts import layout_for, pair_layout
+from ..core.layouts import grouping_lengths, layout_for, pair_layout
 from ..core.losses import REFERENCE_FREE
 from ..core.runs import RunResult, mark_complete, read_metrics, run_name
 from ..core.scoring import pad_id
@@ -236,12 +236,14 @@ class BatchPlan:
     """Which examples each micro-batch of each optimizer step holds, on each process.
 
     Micro-batch ``number`` counts over all processes and steps; epoch ``e`` is shuffled by
-    ``(seed, e)`` and length-grouped (:func:`dpo_lib.core.batches.batch_indices`), so a resumed
-    run, or one split over another number of processes with the same total accumulation, sees the
-    same batches."""
+    ``(seed, e)`` and grouped by the length of a row in the run's layout
+    (:func:`dpo_lib.core.batches.batch_indices`, :func:`dpo_lib.core.layouts.grouping_lengths`), so
+    a resumed run, or one split over another number of processes with the same total accumulation,
+    sees the same batches."""
 
     def __init__(self, examples, cfg: Config, accelerator):
         self.examples, self.cfg = examples, cfg
+        self.lengths = grouping_lengths(cfg, examples)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.accumulation = cfg.train.gradient_accumulation_steps
         self.per_epoch = len(examples) // cfg.train.batch_size
@@ -253,7 +255,8 @@ class BatchPlan:
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, batch_indices(self.examples, self.cfg.train.batch_size,
                                                 self.cfg.train.group_by_length,
-                                                seed=self.cfg.seed * 1000 + epoch))
+                                                seed=self.cfg.seed * 1000 + epoch,
+                                                lengths=self.lengths))
         return self._epoch[1][position]
 
     def micro_batches(self, step: int) -> list[list[int]]:
